@@ -1,0 +1,169 @@
+"""Capture of the few attention rows SD-RPN needs, without eager seq x seq maps.
+
+An attention function registered through transformers' `AttentionInterface` delegates every layer's
+output to sdpa; on the selected layers only, it also computes the softmax row of the newest query
+token against all keys and keeps the columns of the visual tokens. During greedy decoding the newest
+query is, step by step, the token that predicts each response token (the last prompt token first),
+so the mean of the kept rows is the paper's response-to-image RoI map.
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+from sdrpn.models.base import FamilyAdapter, PromptBatch
+
+CAPTURE_IMPLEMENTATION = "sdrpn_capture"
+LayerHeads = dict[int, list[int] | None]  # layer index -> heads to average (None = all heads)
+
+
+class RowRecorder:
+    """Keeps, per forward call, the head-averaged attention of the last query to the visual tokens."""
+
+    def __init__(self, heads: list[int] | None, visual_positions: torch.Tensor):
+        self.heads = heads
+        self.visual_positions = visual_positions
+        self.rows: list[torch.Tensor] = []  # each (B, N_v)
+
+    def record(self, query, key, attention_mask, scaling: float) -> None:
+        last_query = query[:, :, -1:, :].float()  # (B, H, 1, D)
+        keys = key.float().repeat_interleave(query.shape[1] // key.shape[1], dim=1)  # GQA: repeat kv heads
+        scores = (last_query @ keys.transpose(-1, -2)) * scaling  # (B, H, 1, S)
+        if attention_mask is not None:
+            mask = attention_mask[:, :, -1:, : keys.shape[-2]]
+            if mask.dtype == torch.bool:
+                scores = scores.masked_fill(~mask, float("-inf"))
+            else:
+                scores = scores + mask.float()
+        probs = scores.softmax(-1)[:, :, 0]  # (B, H, S)
+        if self.heads is not None:
+            probs = probs[:, self.heads]
+        self.rows.append(probs.mean(1).gather(1, self.visual_positions.to(probs.device)))
+
+    def stacked(self) -> torch.Tensor:
+        return torch.stack(self.rows, dim=1)  # (B, steps, N_v)
+
+
+def _capturing_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    output = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    recorder = getattr(module, "_sdrpn_recorder", None)
+    if recorder is not None:
+        recorder.record(query, key, attention_mask, scaling if scaling is not None else query.shape[-1] ** -0.5)
+    return output
+
+
+AttentionInterface.register(CAPTURE_IMPLEMENTATION, _capturing_attention)
+AttentionMaskInterface.register(CAPTURE_IMPLEMENTATION, eager_mask)  # always a mask: rows need it
+
+
+@contextmanager
+def capture_rows(adapter: FamilyAdapter, layer_heads: LayerHeads, visual_positions: torch.Tensor) -> Iterator[dict]:
+    """Inside the block, every forward of the adapter's model records rows at `layer_heads`."""
+    recorders = {layer: RowRecorder(heads, visual_positions) for layer, heads in layer_heads.items()}
+    modules = [adapter.attention_module(adapter.decoder_layers[layer]) for layer in recorders]
+    with ExitStack() as stack:
+        stack.enter_context(adapter.text_attention(CAPTURE_IMPLEMENTATION))
+        for module, recorder in zip(modules, recorders.values()):
+            module._sdrpn_recorder = recorder
+            stack.callback(delattr, module, "_sdrpn_recorder")
+        yield recorders
+
+
+@contextmanager
+def capture_hidden_norms(adapter: FamilyAdapter, layer: int, visual_positions: torch.Tensor) -> Iterator[list]:
+    """L2 norms (B, N_v) of the visual tokens' hidden states entering decoder layer `layer`, from the
+    prompt pass (sink tokens are the ones with outlying norms)."""
+    captured: list[torch.Tensor] = []
+
+    def hook(_module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if not captured and hidden.shape[1] > 1:
+            rows = torch.arange(hidden.shape[0], device=hidden.device)[:, None]
+            captured.append(hidden[rows, visual_positions.to(hidden.device)].float().norm(dim=-1))
+
+    handle = adapter.decoder_layers[layer].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield captured
+    finally:
+        handle.remove()
+
+
+@dataclass
+class TeacherOutput:
+    """What the frozen MLLM says and where it looked while saying it."""
+
+    answers: list[str]
+    token_ids: torch.Tensor  # (B, L) generated ids
+    response_lengths: torch.Tensor  # (B,) steps until (and including) EOS
+    roi_maps: torch.Tensor  # (B, H, W) mean over layers, heads and response tokens
+    norms: torch.Tensor | None  # (B, H, W) visual hidden-state norms at the norm layer
+    sink_maps: torch.Tensor | None  # (B, H, W) attention of the sink heads (released code's sink rule)
+
+
+def response_lengths(token_ids: torch.Tensor, eos_ids: list[int]) -> torch.Tensor:
+    """Number of decoding steps each sample really used: up to and including its first EOS."""
+    is_eos = torch.isin(token_ids, torch.tensor(eos_ids, device=token_ids.device))
+    first = torch.where(is_eos.any(1), is_eos.float().argmax(1) + 1, torch.full_like(is_eos[:, 0], token_ids.shape[1], dtype=torch.long))
+    return first.long()
+
+
+def _mean_over_steps(recorders: list[RowRecorder], lengths: torch.Tensor) -> torch.Tensor:
+    rows = torch.stack([r.stacked() for r in recorders]).mean(0)  # (B, steps, N_v), mean over layers
+    steps = torch.arange(rows.shape[1], device=rows.device)[None, :]
+    active = (steps < lengths.to(rows.device)[:, None]).float()
+    return (rows * active[..., None]).sum(1) / active.sum(1).clamp(min=1)[:, None]
+
+
+@torch.no_grad()
+def teacher_attention(
+    adapter: FamilyAdapter,
+    batch: PromptBatch,
+    label_heads: LayerHeads,
+    *,
+    max_new_tokens: int = 128,
+    norm_layer: int | None = None,
+    sink_heads: LayerHeads | None = None,
+) -> TeacherOutput:
+    """Greedy-decode the model's own answer and average its response-to-image attention (paper 3.1)."""
+    layers = dict(label_heads)
+    for layer, heads in (sink_heads or {}).items():
+        if layer in layers and layers[layer] != heads:
+            raise ValueError(f"layer {layer} is both a label layer and a sink layer with other heads")
+    all_heads = {**layers, **(sink_heads or {})}
+    with ExitStack() as stack:
+        recorders = stack.enter_context(capture_rows(adapter, all_heads, batch.visual_positions))
+        norms = None
+        if norm_layer is not None:
+            norms = stack.enter_context(capture_hidden_norms(adapter, norm_layer, batch.visual_positions))
+        token_ids = adapter.generate(batch, max_new_tokens=max_new_tokens)
+    lengths = response_lengths(token_ids, adapter.eos_token_ids)
+    grid = (batch.size, *batch.grid)
+    roi = _mean_over_steps([recorders[layer] for layer in label_heads], lengths).view(grid)
+    sinks = None
+    if sink_heads:
+        sinks = _mean_over_steps([recorders[layer] for layer in sink_heads], lengths).view(grid)
+    return TeacherOutput(
+        answers=adapter.decode(token_ids),
+        token_ids=token_ids,
+        response_lengths=lengths,
+        roi_maps=roi,
+        norms=norms[0].view(grid) if norms else None,
+        sink_maps=sinks,
+    )
+
+
+@torch.no_grad()
+def prompt_attention(adapter: FamilyAdapter, batch: PromptBatch, layer_heads: LayerHeads) -> torch.Tensor:
+    """Attention (B, H, W) of the last prompt token to the image, from one prompt pass (ViCrop's signal)."""
+    with capture_rows(adapter, layer_heads, batch.visual_positions) as recorders:
+        embeds = adapter.input_embeddings(batch)
+        adapter.run_layers(embeds, batch, list(adapter.decoder_layers)[: max(layer_heads) + 1])
+    rows = torch.stack([r.stacked()[:, -1] for r in recorders.values()]).mean(0)
+    return rows.view(batch.size, *batch.grid)

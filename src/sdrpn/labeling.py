@@ -1,0 +1,220 @@
+"""Pseudo-label generation (paper 3.2): the frozen MLLM answers, its attention becomes labels.
+
+Labels are cached on disk in shards written atomically; a re-run skips the samples already done, so an
+interrupted run loses at most the shard in flight. Each record keeps the raw map, the token norms and
+the sink map too, so label settings (and the ablations that regress raw attention) can change without
+decoding again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from sdrpn.attention import LayerHeads, teacher_attention
+from sdrpn.data import Sample
+from sdrpn.errors import SdrpnError
+from sdrpn.images import load_image
+from sdrpn.labels import assign_labels, remove_sinks, remove_sinks_by_attention
+from sdrpn.models.base import FamilyAdapter
+
+SETTINGS_NAME = "label_settings.json"
+SINK_RULES = ("norm", "attention", "none")
+
+
+@dataclass
+class LabelSettings:
+    """How attention becomes labels. `None` fields take the adapter's defaults for the model."""
+
+    label_heads: dict[int, list[int] | None] | None = None  # layer -> heads (None = all)
+    sink_rule: str = "norm"  # "norm" (paper), "attention" (released code) or "none"
+    norm_layer: int | None = None  # layer whose input hidden states give token norms (default: first label layer)
+    tau_norm: float | None = None  # None: median + 5 MAD of each image's norms
+    sink_heads: dict[int, list[int] | None] | None = None  # for sink_rule="attention" (default: layer 2, all heads)
+    sink_threshold: float = 1e-3
+    fg: float = 0.2
+    bg: float = 0.1
+    max_box_frac: float = 0.5
+    max_new_tokens: int = 128
+
+    def __post_init__(self) -> None:
+        if self.sink_rule not in SINK_RULES:
+            raise SdrpnError(f"sink_rule must be one of {SINK_RULES}, got {self.sink_rule!r}")
+        self.label_heads = _int_keys(self.label_heads)
+        self.sink_heads = _int_keys(self.sink_heads)
+
+    def resolved(self, adapter: FamilyAdapter) -> LabelSettings:
+        """Fill model-dependent defaults, so the cache and the RPN record what was really used."""
+        label_heads = self.label_heads or adapter.default_label_heads()
+        num_layers = adapter.attention_shape.num_layers
+        for layer in label_heads:
+            if not 0 <= layer < num_layers:
+                raise SdrpnError(f"label layer {layer} does not exist (the model has {num_layers} layers)")
+        sink_heads = self.sink_heads or ({min(2, num_layers - 1): None} if self.sink_rule == "attention" else None)
+        norm_layer = self.norm_layer if self.norm_layer is not None else min(label_heads)
+        return LabelSettings(**{**asdict(self), "label_heads": label_heads, "sink_heads": sink_heads, "norm_layer": norm_layer})
+
+    def to_json(self) -> dict:
+        return json.loads(json.dumps(asdict(self)))
+
+
+def _int_keys(mapping: dict | None) -> dict[int, list[int] | None] | None:
+    return None if mapping is None else {int(k): (list(v) if v is not None else None) for k, v in mapping.items()}
+
+
+def denoise(raw: torch.Tensor, norms: torch.Tensor | None, sinks: torch.Tensor | None, settings: LabelSettings):
+    """Sink removal by the configured rule (paper eq. 1, or the released attention rule)."""
+    if settings.sink_rule == "norm" and norms is not None:
+        return remove_sinks(raw, norms, settings.tau_norm)
+    if settings.sink_rule == "attention" and sinks is not None:
+        return remove_sinks_by_attention(raw, sinks, settings.sink_threshold)
+    return raw
+
+
+def make_labels(raw: torch.Tensor, norms, sinks, settings: LabelSettings) -> torch.Tensor:
+    """Raw RoI maps (B, H, W) -> labels in {-1, 0, 1} (paper eq. 1-2)."""
+    return assign_labels(denoise(raw, norms, sinks, settings), settings.fg, settings.bg, settings.max_box_frac)
+
+
+@dataclass
+class LabelReport:
+    labelled: int = 0
+    skipped_done: int = 0
+    bad: list[str] = field(default_factory=list)
+    dropped: int = 0  # labelled, but the foreground box was too large: all ignored
+
+
+class LabelCache:
+    """A folder of `shard-NNNNN.pt` files (lists of records) plus the settings that made them."""
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+
+    def shards(self) -> list[Path]:
+        return sorted(self.directory.glob("shard-*.pt"))
+
+    def records(self) -> Iterable[dict]:
+        for shard in self.shards():
+            yield from torch.load(shard, weights_only=True)
+
+    def done_ids(self) -> set[str]:
+        return {record["sample_id"] for record in self.records()}
+
+    def settings(self) -> dict:
+        path = self.directory / SETTINGS_NAME
+        if not path.is_file():
+            raise SdrpnError(f"'{self.directory}' is not a label folder: no {SETTINGS_NAME}")
+        return json.loads(path.read_text())
+
+    def start(self, model: str, settings: LabelSettings) -> None:
+        """Create the folder, or check that a resumed run uses the same model and settings."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        meta = {"model": model, "settings": settings.to_json()}
+        path = self.directory / SETTINGS_NAME
+        if path.is_file():
+            existing = json.loads(path.read_text())
+            if existing != meta:
+                raise SdrpnError(f"'{self.directory}' holds labels made with other settings or model; use a new --out")
+            return
+        _atomic_write(path, lambda f: f.write(json.dumps(meta, indent=2, sort_keys=True).encode()))
+
+    def write_shard(self, records: list[dict]) -> Path:
+        index = len(self.shards())
+        path = self.directory / f"shard-{index:05d}.pt"
+        _atomic_write(path, lambda f: torch.save(records, f))
+        return path
+
+
+def _atomic_write(path: Path, write) -> None:
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(handle, "wb") as file:
+            write(file)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+
+
+def _record(sample: Sample, index: int, output, labels: torch.Tensor) -> dict:
+    return {
+        "sample_id": sample.sample_id,
+        "image": str(sample.image_path),
+        "question": sample.question,
+        "answer": output.answers[index],
+        "raw_map": output.roi_maps[index].to(torch.float32).cpu(),
+        "norms": None if output.norms is None else output.norms[index].cpu(),
+        "sink_map": None if output.sink_maps is None else output.sink_maps[index].cpu(),
+        "labels": labels[index].to(torch.int8).cpu(),
+    }
+
+
+def generate_labels(
+    adapter: FamilyAdapter,
+    samples: list[Sample],
+    out_dir: str | Path,
+    settings: LabelSettings | None = None,
+    *,
+    batch_size: int = 4,
+    shard_size: int = 256,
+    progress: bool = True,
+) -> LabelReport:
+    """Label `samples` into `out_dir`; resumable, and bad samples are counted, not fatal."""
+    settings = (settings or LabelSettings()).resolved(adapter)
+    cache = LabelCache(out_dir)
+    cache.start(adapter.name_or_path, settings)
+    done = cache.done_ids()
+    report = LabelReport(skipped_done=sum(s.sample_id in done for s in samples))
+    todo = [s for s in samples if s.sample_id not in done]
+    pending: list[dict] = []
+    bar = tqdm(total=len(todo), desc="labels", unit="sample", disable=not progress)
+    for start in range(0, len(todo), batch_size):
+        chunk, images = [], []
+        for sample in todo[start : start + batch_size]:
+            try:
+                images.append(load_image(sample.image_path))
+                chunk.append(sample)
+            except SdrpnError as error:
+                report.bad.append(f"{sample.sample_id}: {error}")
+        if chunk:
+            batch = adapter.prepare(images, [[s.question] for s in chunk])
+            output = teacher_attention(
+                adapter,
+                batch,
+                settings.label_heads,
+                max_new_tokens=settings.max_new_tokens,
+                norm_layer=settings.norm_layer if settings.sink_rule == "norm" else None,
+                sink_heads=settings.sink_heads if settings.sink_rule == "attention" else None,
+            )
+            labels = make_labels(output.roi_maps, output.norms, output.sink_maps, settings)
+            for index, sample in enumerate(chunk):
+                pending.append(_record(sample, index, output, labels))
+                report.dropped += bool((labels[index] == -1).all())
+            report.labelled += len(chunk)
+        if len(pending) >= shard_size:
+            cache.write_shard(pending)
+            pending = []
+        bar.update(len(todo[start : start + batch_size]))
+    if pending:
+        cache.write_shard(pending)
+    bar.close()
+    return report
+
+
+def layer_heads_from_text(text: str) -> LayerHeads:
+    """Parse '14:24,13,26;15' -> {14: [24, 13, 26], 15: None} (a layer without heads = all heads)."""
+    result: LayerHeads = {}
+    try:
+        for part in filter(None, (p.strip() for p in text.split(";"))):
+            layer, _, heads = part.partition(":")
+            result[int(layer)] = [int(h) for h in heads.split(",")] if heads.strip() else None
+    except ValueError:
+        raise SdrpnError(f"cannot parse layer/heads {text!r}; expected e.g. '14:24,13,26;15'") from None
+    return result

@@ -1,0 +1,58 @@
+"""Family adapters, keyed by the Hugging Face `config.model_type`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from sdrpn.errors import SdrpnError
+from sdrpn.models.base import AttentionShape, FamilyAdapter, PromptBatch
+from sdrpn.models.llava import LlavaAdapter
+
+ADAPTERS: dict[str, type[FamilyAdapter]] = {}
+
+
+def register_adapter(adapter: type[FamilyAdapter]) -> type[FamilyAdapter]:
+    """Register a family; a model_type claimed twice is a bug, so it raises."""
+    for model_type in adapter.model_types:
+        if model_type in ADAPTERS:
+            raise ValueError(f"model_type {model_type!r} is already handled by {ADAPTERS[model_type].__name__}")
+        ADAPTERS[model_type] = adapter
+    return adapter
+
+
+register_adapter(LlavaAdapter)
+
+
+def _model_type(name_or_path: str) -> str:
+    from transformers import AutoConfig
+
+    path = Path(name_or_path)
+    if path.exists() and path.is_dir() and not (path / "config.json").is_file():
+        raise SdrpnError(f"model directory '{name_or_path}' has no config.json")
+    try:
+        return AutoConfig.from_pretrained(name_or_path).model_type
+    except (OSError, ValueError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise SdrpnError(f"cannot read model '{name_or_path}': {reason}") from None
+
+
+def load_model(name_or_path: str, *, dtype: torch.dtype | None = None, device: str | None = None) -> FamilyAdapter:
+    """Load a supported MLLM (hub name or local directory) behind its family adapter."""
+    model_type = _model_type(str(name_or_path))
+    if model_type not in ADAPTERS:
+        supported = ", ".join(sorted(ADAPTERS))
+        raise SdrpnError(f"model '{name_or_path}' is of type {model_type!r}; supported families: {supported}")
+    return ADAPTERS[model_type].from_pretrained(str(name_or_path), dtype=dtype, device=device)
+
+
+def wrap_model(model, processor, name_or_path: str = "in-memory") -> FamilyAdapter:
+    """Wrap an already-loaded model + processor (e.g. built in a test) in its family adapter."""
+    model_type = model.config.model_type
+    if model_type not in ADAPTERS:
+        raise SdrpnError(f"model of type {model_type!r} is not supported; supported: {', '.join(sorted(ADAPTERS))}")
+    return ADAPTERS[model_type](model, processor, name_or_path)
+
+
+__all__ = ["ADAPTERS", "AttentionShape", "FamilyAdapter", "PromptBatch", "load_model", "register_adapter", "wrap_model"]

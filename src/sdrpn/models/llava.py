@@ -1,0 +1,255 @@
+"""LLaVA-1.5 (`LlavaForConditionalGeneration`, e.g. `llava-hf/llava-1.5-7b-hf`).
+
+Images are padded to a square with the processor's mean colour before the processor sees them, as
+LLaVA-1.5 was trained (`image_aspect_ratio: pad`); nothing is centre-cropped away, so every pixel of a
+predicted region maps back onto the original image.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+from PIL import Image
+from torch import nn
+from transformers import AutoConfig, LlavaForConditionalGeneration, LlavaProcessor
+
+from sdrpn.errors import SdrpnError
+from sdrpn.models.base import AttentionShape, FamilyAdapter, PromptBatch
+from sdrpn.roi import Geometry
+
+
+def pad_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
+    """Centre the image on a square canvas of its longer side."""
+    width, height = image.size
+    side = max(width, height)
+    if width == height:
+        return image
+    canvas = Image.new("RGB", (side, side), fill)
+    canvas.paste(image, ((side - width) // 2, (side - height) // 2))
+    return canvas
+
+
+def padding_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that ignore left padding (what `generate` uses), so batch == single answers."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+class LlavaAdapter(FamilyAdapter):
+    model_types = ("llava",)
+    known_label_heads = {
+        "llava-1.5-7b-hf": {14: [24, 13, 26]},
+        "llava-1.5-13b-hf": {16: [2, 21, 30], 15: [2], 13: [21, 23, 26]},
+    }
+    default_rpn_layers = {"llava-1.5-7b-hf": (15, 3), "llava-1.5-13b-hf": (15, 3)}
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, *, dtype: torch.dtype | None = None, device: str | None = None):
+        config = AutoConfig.from_pretrained(name_or_path)
+        if config.model_type not in cls.model_types:
+            raise SdrpnError(f"model '{name_or_path}' is a {config.model_type!r} model, not LLaVA")
+        model = LlavaForConditionalGeneration.from_pretrained(name_or_path, dtype=dtype or torch.float32)
+        processor = LlavaProcessor.from_pretrained(name_or_path)
+        if device:
+            model.to(device)
+        model.eval()
+        return cls(model, processor, str(name_or_path))
+
+    # --- prompts -------------------------------------------------------------------------------
+    @property
+    def tokenizer(self):
+        return self.processor.tokenizer
+
+    def _fill_colour(self) -> tuple[int, int, int]:
+        mean = getattr(self.processor.image_processor, "image_mean", None) or [0.5, 0.5, 0.5]
+        return tuple(int(round(255 * m)) for m in mean)
+
+    def _messages(self, conversation: list[str], upto: int) -> list[dict]:
+        messages = []
+        for index, text in enumerate(conversation[:upto]):
+            role = "user" if index % 2 == 0 else "assistant"
+            content = [{"type": "text", "text": text}]
+            if index == 0:
+                content.insert(0, {"type": "image"})
+            messages.append({"role": role, "content": content})
+        return messages
+
+    def _prompt(self, conversation: list[str], upto: int) -> str:
+        return self.processor.apply_chat_template(self._messages(conversation, upto), add_generation_prompt=True)
+
+    def prepare(self, images: list[Image.Image], conversations: list[list[str]]) -> PromptBatch:
+        if len(images) != len(conversations):
+            raise SdrpnError(f"got {len(images)} images for {len(conversations)} conversations")
+        for conversation in conversations:
+            if not conversation or len(conversation) % 2 == 0:
+                raise SdrpnError("a conversation must alternate user/assistant turns and end with a user turn")
+            if any(not text.strip() for text in conversation[::2]):
+                raise SdrpnError("empty question")
+        fill = self._fill_colour()
+        squares = [pad_to_square(image, fill) for image in images]
+        prompts = [self._prompt(c, len(c)) for c in conversations]
+        inputs = self.processor(images=squares, text=prompts, return_tensors="pt", padding=True)
+        inputs = {k: v.to(self.device) for k, v in inputs.items()}
+        inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+        input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
+        is_visual = input_ids == self.model.config.image_token_id
+        counts = is_visual.sum(-1)
+        if not bool((counts == counts[0]).all()):
+            raise SdrpnError(f"every prompt needs exactly one image, got image-token counts {counts.tolist()}")
+        visual_positions = is_visual.nonzero()[:, 1].view(len(prompts), -1)
+        side = int(round(visual_positions.shape[1] ** 0.5))
+        if side * side != visual_positions.shape[1]:
+            raise SdrpnError(f"{visual_positions.shape[1]} visual tokens do not form a square grid")
+        query_positions = []
+        for row, conversation in enumerate(conversations):
+            pad = int((attention_mask[row] == 0).sum())
+            turn_ends = []
+            for upto in range(1, len(conversation) + 1, 2):
+                text = self._prompt(conversation, upto)
+                length = len(self.processor(images=[squares[row]], text=[text], return_tensors="pt")["input_ids"][0])
+                turn_ends.append(pad + length - 1)
+            query_positions.append(turn_ends)
+        geometries = [Geometry.pad_to_square(*image.size, side, side) for image in images]
+        return PromptBatch(
+            inputs=inputs,
+            position_ids=padding_positions(attention_mask),
+            visual_positions=visual_positions,
+            query_positions=query_positions,
+            grid=(side, side),
+            geometries=geometries,
+            images=list(images),
+        )
+
+    # --- layers --------------------------------------------------------------------------------
+    @property
+    def _language_model(self) -> nn.Module:
+        return self.model.model.language_model
+
+    @property
+    def decoder_layers(self) -> nn.ModuleList:
+        return self._language_model.layers
+
+    @property
+    def final_norm(self) -> nn.Module:
+        return self._language_model.norm
+
+    @property
+    def attention_shape(self) -> AttentionShape:
+        text = self.model.config.text_config
+        heads = text.num_attention_heads
+        return AttentionShape(
+            num_layers=text.num_hidden_layers,
+            num_heads=heads,
+            num_kv_heads=text.num_key_value_heads or heads,
+            head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads,
+            hidden_size=text.hidden_size,
+        )
+
+    def attention_module(self, layer: nn.Module) -> nn.Module:
+        return layer.self_attn
+
+    def qk_parts(self, layer: nn.Module) -> tuple[nn.Module, nn.Module, nn.Module]:
+        return layer.input_layernorm, layer.self_attn.q_proj, layer.self_attn.k_proj
+
+    @contextmanager
+    def _swapped_layers(self, layers: list[nn.Module]) -> Iterator[None]:
+        """Run the stock forward over other layers and without the final norm (no modeling code copied)."""
+        language_model = self._language_model
+        saved = language_model.layers, language_model.norm
+        language_model.layers, language_model.norm = nn.ModuleList(layers), nn.Identity()
+        try:
+            yield
+        finally:
+            language_model.layers, language_model.norm = saved
+
+    def prefix_hidden(self, batch: PromptBatch, num_layers: int) -> torch.Tensor:
+        with self._swapped_layers(list(self.decoder_layers)[:num_layers]):
+            out = self.model.model(**batch.inputs, position_ids=batch.position_ids, use_cache=False)
+        return out.last_hidden_state
+
+    def run_layers(self, hidden: torch.Tensor, batch: PromptBatch, layers: list[nn.Module]) -> torch.Tensor:
+        if not layers:
+            return hidden
+        with self._swapped_layers(layers):
+            out = self._language_model(
+                inputs_embeds=hidden,
+                attention_mask=batch.inputs["attention_mask"],
+                position_ids=batch.position_ids,
+                use_cache=False,
+            )
+        return out.last_hidden_state
+
+    @contextmanager
+    def text_attention(self, implementation: str) -> Iterator[None]:
+        text_config = self.model.config.text_config
+        saved = text_config._attn_implementation
+        text_config._attn_implementation = implementation
+        try:
+            yield
+        finally:
+            text_config._attn_implementation = saved
+
+    # --- images and generation -----------------------------------------------------------------
+    def encode_images(self, images: list[Image.Image]) -> tuple[list[torch.Tensor], list[Geometry]]:
+        fill = self._fill_colour()
+        squares = [pad_to_square(image, fill) for image in images]
+        pixels = self.processor.image_processor(squares, return_tensors="pt")["pixel_values"]
+        features = self.model.model.get_image_features(pixel_values=pixels.to(self.device, self.dtype))
+        features = list(features.pooler_output if hasattr(features, "pooler_output") else features)
+        side = int(round(features[0].shape[0] ** 0.5))
+        geometries = [Geometry.pad_to_square(*image.size, side, side) for image in images]
+        return [f.reshape(-1, f.shape[-1]) for f in features], geometries
+
+    def input_embeddings(self, batch: PromptBatch) -> torch.Tensor:
+        input_ids = batch.inputs["input_ids"]
+        embeds = self.model.get_input_embeddings()(input_ids)
+        features, _ = self.encode_images(batch.images)
+        visual = torch.stack(features).to(embeds.dtype)
+        rows = torch.arange(len(features), device=embeds.device)[:, None]
+        embeds = embeds.clone()
+        embeds[rows, batch.visual_positions] = visual
+        return embeds
+
+    def generate(
+        self,
+        batch: PromptBatch,
+        extra_visual_tokens: list[torch.Tensor] | None = None,
+        max_new_tokens: int = 128,
+    ) -> torch.Tensor:
+        embeds = self.input_embeddings(batch)
+        attention_mask = batch.inputs["attention_mask"]
+        if extra_visual_tokens is not None and any(len(t) for t in extra_visual_tokens):
+            embeds, attention_mask = self._insert_after_image(embeds, attention_mask, batch, extra_visual_tokens)
+        return self.model.generate(
+            inputs_embeds=embeds,
+            attention_mask=attention_mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            pad_token_id=self.tokenizer.pad_token_id,
+        )
+
+    def _insert_after_image(self, embeds, attention_mask, batch: PromptBatch, extra: list[torch.Tensor]):
+        """Rebuild a left-padded batch with each sample's extra tokens right after its image tokens."""
+        rows, masks = [], []
+        for index in range(batch.size):
+            keep = attention_mask[index].bool()
+            start = int((~keep).sum())
+            cut = int(batch.visual_positions[index, -1]) + 1
+            tokens = extra[index].to(embeds.dtype)
+            rows.append(torch.cat([embeds[index, start:cut], tokens, embeds[index, cut:]]))
+        length = max(len(r) for r in rows)
+        padded = embeds.new_zeros(batch.size, length, embeds.shape[-1])
+        for index, row in enumerate(rows):
+            padded[index, length - len(row):] = row
+            masks.append(torch.arange(length, device=embeds.device) >= length - len(row))
+        return padded, torch.stack(masks).long()
+
+    def decode(self, token_ids: torch.Tensor) -> list[str]:
+        return [text.strip() for text in self.tokenizer.batch_decode(token_ids, skip_special_tokens=True)]
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        eos = self.model.generation_config.eos_token_id
+        return list(eos) if isinstance(eos, (list, tuple)) else [eos]

@@ -1,0 +1,165 @@
+"""The region proposal network: R layers on top of B frozen layers of the MLLM (paper 3.3).
+
+The first R-1 layers are copies of decoder layers B..B+R-2 and run whole; layer B+R-1 contributes only
+its input norm and q/k projections. The RoI logits of a query token (the last token of a user turn)
+against each visual token are q.k / sqrt(d_head), averaged over heads: at initialisation they are that
+layer's own attention logits, which is why so little data trains it.
+
+A checkpoint is a small adapter folder bound to its base model: `rpn_config.json` (base model, shapes
+fingerprint, weights digest, B, R, label settings, library version) + `rpn_model.safetensors`.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from sdrpn.errors import SdrpnError
+from sdrpn.models.base import FamilyAdapter, PromptBatch
+
+CONFIG_NAME = "rpn_config.json"
+WEIGHTS_NAME = "rpn_model.safetensors"
+
+
+def weights_digest(adapter: FamilyAdapter, layer: int) -> str:
+    """A digest of a frozen layer's weights (rounded to bf16, so fp32/bf16 loads agree): same shapes
+    with other weights (a fine-tune) must not silently reuse an RPN."""
+    _, q_proj, _ = adapter.qk_parts(adapter.decoder_layers[layer])
+    sample = q_proj.weight.detach().flatten()[:65536].to(torch.bfloat16).float().cpu()
+    return hashlib.sha256(sample.numpy().tobytes()).hexdigest()[:16]
+
+
+@dataclass
+class RpnConfig:
+    base_model: str
+    model_type: str
+    fingerprint: str
+    weights_digest: str
+    frozen_layers: int  # B
+    rpn_layers: int  # R
+    label_settings: dict = field(default_factory=dict)
+    training: dict = field(default_factory=dict)
+    sdrpn_version: str = ""
+
+
+class RegionProposalNetwork(nn.Module):
+    """Predicts RoI logits over the visual tokens from one partial forward pass."""
+
+    def __init__(self, adapter: FamilyAdapter, frozen_layers: int, rpn_layers: int, config: RpnConfig | None = None):
+        super().__init__()
+        shape = adapter.attention_shape
+        if frozen_layers < 0 or rpn_layers < 1 or frozen_layers + rpn_layers > shape.num_layers:
+            raise SdrpnError(
+                f"B={frozen_layers}, R={rpn_layers} do not fit a model of {shape.num_layers} layers (need B+R <= L, R >= 1)"
+            )
+        from sdrpn import __version__
+
+        self.adapter = adapter  # not a submodule: only the RPN's own weights are saved
+        layers = [adapter.decoder_layers[i] for i in range(frozen_layers, frozen_layers + rpn_layers)]
+        self.blocks = nn.ModuleList(copy.deepcopy(layer) for layer in layers[:-1])
+        head_norm, q_proj, k_proj = adapter.qk_parts(layers[-1])
+        self.head_norm = copy.deepcopy(head_norm)
+        self.q_proj = copy.deepcopy(q_proj)
+        self.k_proj = copy.deepcopy(k_proj)
+        for parameter in self.parameters():
+            parameter.requires_grad_(True)
+        self.config = config or RpnConfig(
+            base_model=adapter.name_or_path,
+            model_type=adapter.model.config.model_type,
+            fingerprint=adapter.fingerprint(),
+            weights_digest=weights_digest(adapter, 0),
+            frozen_layers=frozen_layers,
+            rpn_layers=rpn_layers,
+            sdrpn_version=__version__,
+        )
+
+    @property
+    def frozen_layers(self) -> int:
+        return self.config.frozen_layers
+
+    def frozen_prefix(self, batch: PromptBatch) -> torch.Tensor:
+        """Hidden states after the B frozen layers: no gradient, and cacheable by the caller."""
+        with torch.no_grad():
+            return self.adapter.prefix_hidden(batch, self.frozen_layers)
+
+    def forward(self, batch: PromptBatch, prefix: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoI logits (B, Q, N_v) for every user turn's last token, and a (B, Q) mask of real turns."""
+        hidden = self.frozen_prefix(batch) if prefix is None else prefix
+        hidden = self.adapter.run_layers(hidden.to(self.q_proj.weight.dtype), batch, list(self.blocks))
+        turns = max(len(q) for q in batch.query_positions)
+        query_index = torch.tensor(
+            [q + [q[-1]] * (turns - len(q)) for q in batch.query_positions], device=hidden.device
+        )
+        query_mask = torch.tensor([[i < len(q) for i in range(turns)] for q in batch.query_positions])
+        rows = torch.arange(batch.size, device=hidden.device)[:, None]
+        queries = self.head_norm(hidden[rows, query_index])  # (B, Q, D)
+        keys = self.head_norm(hidden[rows, batch.visual_positions.to(hidden.device)])  # (B, N_v, D)
+        shape = self.adapter.attention_shape
+        q = self.q_proj(queries).view(batch.size, turns, shape.num_heads, shape.head_dim).transpose(1, 2)
+        k = self.k_proj(keys).view(batch.size, -1, shape.num_kv_heads, shape.head_dim).transpose(1, 2)
+        q, k = self.adapter.position_qk(q, k, batch, query_index)
+        k = k.repeat_interleave(shape.num_heads // shape.num_kv_heads, dim=1)
+        logits = (q @ k.transpose(-1, -2)) / shape.head_dim**0.5  # (B, H, Q, N_v)
+        return logits.float().mean(1), query_mask
+
+    # --- checkpoint ----------------------------------------------------------------------------
+    def save(self, directory: str | Path, **extra_training: object) -> Path:
+        """Write the adapter folder atomically (a crash never leaves a half-written checkpoint)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.config.training.update(extra_training)
+        state = {name: tensor.detach().contiguous().cpu() for name, tensor in self.state_dict().items()}
+        _atomic(directory / WEIGHTS_NAME, lambda path: save_file(state, path, metadata={"format": "pt"}))
+        text = json.dumps(asdict(self.config), indent=2, sort_keys=True)
+        _atomic(directory / CONFIG_NAME, lambda path: Path(path).write_text(text))
+        return directory
+
+
+def _atomic(target: Path, write) -> None:
+    handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+    os.close(handle)
+    try:
+        write(temporary)
+        os.replace(temporary, target)
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+
+
+def read_rpn_config(directory: str | Path) -> RpnConfig:
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise SdrpnError(f"'{directory}' is not an RPN checkpoint: no {CONFIG_NAME}")
+    try:
+        data = json.loads(path.read_text())
+        return RpnConfig(**data)
+    except (json.JSONDecodeError, TypeError) as error:
+        raise SdrpnError(f"'{path}' is not a valid RPN config: {error}") from None
+
+
+def load_rpn(directory: str | Path, adapter: FamilyAdapter, *, allow_other_base: bool = False) -> RegionProposalNetwork:
+    """Load an RPN onto its base model; another base model raises unless `allow_other_base`."""
+    config = read_rpn_config(directory)
+    if not allow_other_base:
+        mine = (adapter.model.config.model_type, adapter.fingerprint(), weights_digest(adapter, 0))
+        theirs = (config.model_type, config.fingerprint, config.weights_digest)
+        if mine != theirs:
+            raise SdrpnError(
+                f"RPN '{directory}' was trained for base model '{config.base_model}', not '{adapter.name_or_path}' "
+                "(shapes or weights differ); train an RPN for this model, or pass allow_other_base=True"
+            )
+    rpn = RegionProposalNetwork(adapter, config.frozen_layers, config.rpn_layers, config)
+    state = load_file(str(Path(directory) / WEIGHTS_NAME))
+    missing, unexpected = rpn.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise SdrpnError(f"RPN weights in '{directory}' do not match: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    return rpn.to(adapter.device).eval()

@@ -1,0 +1,274 @@
+"""A synthetic, V*-like fine-detail world for the embedded SD-RPN demo.
+
+Grammar of one scene (``size`` x ``size`` px, 512 by default; everything seeded):
+
+* Background: a mid-gray canvas with slow brightness drift, faint gray blobs (ellipses) and faint gray
+  lines, plus per-pixel noise. Nothing in the clutter is coloured or object-like.
+* ONE target object at a random place: a filled ``shape`` in ``SHAPES`` (circle, square, triangle,
+  diamond, cross), ``OBJECT_SIZE`` px wide (28-36 px at 512 px, scaled with ``size``), in a saturated
+  ``colour`` from ``OBJECT_COLOURS``.
+* The fine property: a small square ``mark`` (``MARK_SIZE`` px, about 5 px at 512 px, with a 1-px dark
+  rim) at the target's centre, in a colour from ``MARK_COLOURS`` different from the object's colour.
+  At the model's input resolution (the scene resized to 128 px, 4x smaller) the mark covers about one
+  input pixel and only tints the target's 16-px patch; in a crop of twice the object's size resized to
+  the same 128 px it is ~10 input px wide and plainly legible.
+
+Questions (``qtype`` -> templates -> answer words):
+
+* ``"fine"`` (the main type): "what colour is the mark on the object ?" /
+  "what colour is the small mark on the {shape} ?" / "what colour is the mark ?" -> mark colour.
+* ``"coarse"``: "what colour is the object ?" -> object colour; "what shape is the object ?" -> shape;
+  "where is the object ?" -> the 3x3 cell of the object's centre: "top left", "top", "top right",
+  "left", "centre", "right", "bottom left", "bottom", "bottom right".
+* ``"yesno"`` (POPE-like): "is there a {shape} in the image ?" -> "yes" / "no"; the shape asked is
+  the target's shape half of the time.
+
+Answers are one word, except the two-word "where" corners. Every sample carries its answer, question
+type, the target's box in scene pixels and its seed; ``make_samples`` is deterministic in its seed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+SCENE_SIZE = 512
+INPUT_SIZE = 128  # the demo model's input side (8 x 8 tokens of 16 px)
+OBJECT_SIZE = (28, 36)  # px at SCENE_SIZE, scaled linearly with the scene size
+MARK_SIZE = 3  # px at SCENE_SIZE (colour core), plus a 1-px dark rim
+NOISE_STD = 10.0
+
+SHAPES = ["circle", "square", "triangle", "diamond", "cross"]
+COLOURS = {
+    "red": (220, 40, 40),
+    "green": (40, 175, 60),
+    "blue": (45, 85, 235),
+    "yellow": (235, 215, 40),
+    "purple": (160, 60, 205),
+    "white": (250, 250, 250),
+}
+OBJECT_COLOURS = ["red", "green", "blue", "yellow", "purple"]
+MARK_COLOURS = ["red", "green", "blue", "yellow", "purple", "white"]
+QTYPES = ["fine", "coarse", "yesno"]
+QTYPE_WEIGHTS = {"fine": 0.5, "coarse": 0.3, "yesno": 0.2}
+ROWS = ["top", "", "bottom"]
+COLS = ["left", "", "right"]
+
+FINE_TEMPLATES = [
+    "what colour is the mark on the object ?",
+    "what colour is the small mark on the {shape} ?",
+    "what colour is the mark ?",
+]
+COARSE_TEMPLATES = {
+    "colour": "what colour is the object ?",
+    "shape": "what shape is the object ?",
+    "where": "where is the object ?",
+}
+YESNO_TEMPLATE = "is there a {shape} in the image ?"
+
+
+def _template_words() -> list[str]:
+    words: list[str] = []
+    texts = [*FINE_TEMPLATES, *COARSE_TEMPLATES.values(), YESNO_TEMPLATE]
+    for text in texts:
+        for w in text.split():
+            if not w.startswith("{") and w not in words:
+                words.append(w)
+    for w in [*SHAPES, *COLOURS, "top", "bottom", "left", "right", "centre", "yes", "no"]:
+        if w not in words:
+            words.append(w)
+    return words
+
+
+WORDS: list[str] = [w for w in _template_words() if w != "?"]  # "?" is a chat word of the tokenizer
+
+
+@dataclass
+class Scene:
+    """The rendered image and the facts every question about it is answered from."""
+
+    image: Image.Image
+    shape: str
+    colour: str
+    mark: str
+    target_box: tuple[int, int, int, int]  # x0, y0, x1, y1 (exclusive) in scene px
+    mark_box: tuple[int, int, int, int]  # the mark's colour core, same convention
+    where: str
+    seed: int
+
+
+@dataclass
+class ToySample:
+    image: Image.Image
+    question: str
+    answer: str
+    qtype: str  # "fine" | "coarse" | "yesno"
+    target_box: tuple[int, int, int, int]  # x0, y0, x1, y1 (exclusive) in scene px
+    seed: int
+    attrs: dict = field(default_factory=dict)  # shape, colour, mark, mark_box, where, subtype
+
+
+def _where(cx: float, cy: float, size: int) -> str:
+    row = ROWS[min(2, int(3 * cy / size))]
+    col = COLS[min(2, int(3 * cx / size))]
+    return " ".join(w for w in (row, col) if w) or "centre"
+
+
+def shape_mask(shape: str, s: int) -> np.ndarray:
+    """Boolean s x s mask of a filled shape (the centre pixel is always inside)."""
+    yy, xx = np.mgrid[0:s, 0:s] + 0.5
+    c = s / 2
+    u, v = (xx - c) / c, (yy - c) / c  # in [-1, 1]
+    if shape == "circle":
+        m = u * u + v * v <= 1.0
+    elif shape == "square":
+        m = (np.abs(u) <= 0.85) & (np.abs(v) <= 0.85)
+    elif shape == "diamond":
+        m = np.abs(u) + np.abs(v) <= 1.0
+    elif shape == "cross":
+        m = ((np.abs(u) <= 0.33) & (np.abs(v) <= 1.0)) | ((np.abs(v) <= 0.33) & (np.abs(u) <= 1.0))
+    elif shape == "triangle":  # apex up, base at the bottom
+        m = (v <= 0.9) & (np.abs(u) <= (v + 1.0) / 1.9)
+    else:
+        raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
+    return m
+
+
+def render_scene(seed: int, size: int = SCENE_SIZE) -> Scene:
+    """Draw one scene from its seed (see the module docstring for the grammar)."""
+    rng = np.random.default_rng(seed)
+    k = size / SCENE_SIZE
+    # Background: gray level with a slow drift.
+    base = rng.uniform(95, 165)
+    drift = rng.normal(0, 12, (4, 4)).astype(np.float32)
+    drift_img = Image.fromarray(drift).resize((size, size), Image.BILINEAR)
+    layer = Image.new("L", (size, size), 128)  # 128 = no change; blobs and lines overwrite
+    draw = ImageDraw.Draw(layer)
+    for _ in range(int(rng.integers(6, 14))):  # faint blobs
+        w, h = rng.uniform(20, 110, 2) * k
+        x, y = rng.uniform(0, size, 2)
+        draw.ellipse([x - w / 2, y - h / 2, x + w / 2, y + h / 2], fill=int(128 + rng.uniform(-28, 28)))
+    for _ in range(int(rng.integers(4, 10))):  # faint lines
+        x0, y0, x1, y1 = rng.uniform(0, size, 4)
+        draw.line([x0, y0, x1, y1], fill=int(128 + rng.uniform(-30, 30)), width=max(1, int(rng.integers(1, 5) * k)))
+    clutter = np.asarray(layer, np.float32) - 128.0
+    gray = base + np.asarray(drift_img, np.float32) + clutter
+    img = np.repeat(gray[:, :, None], 3, axis=2)
+
+    # The target.
+    shape = SHAPES[int(rng.integers(len(SHAPES)))]
+    colour = OBJECT_COLOURS[int(rng.integers(len(OBJECT_COLOURS)))]
+    mark_choices = [c for c in MARK_COLOURS if c != colour]
+    mark = mark_choices[int(rng.integers(len(mark_choices)))]
+    s = int(round(rng.integers(OBJECT_SIZE[0], OBJECT_SIZE[1] + 1) * k))
+    margin = int(8 * k)
+    x0 = int(rng.integers(margin, size - s - margin + 1))
+    y0 = int(rng.integers(margin, size - s - margin + 1))
+    m = shape_mask(shape, s)
+    rgb = np.array(COLOURS[colour], np.float32) + rng.uniform(-12, 12, 3)
+    patch = img[y0 : y0 + s, x0 : x0 + s]
+    patch[m] = rgb
+    # The mark: colour core + 1-px dark rim, centred on the object's box centre.
+    ms = max(1, int(round(MARK_SIZE * k)))
+    cx, cy = x0 + s // 2, y0 + s // 2
+    mx0, my0 = cx - ms // 2, cy - ms // 2
+    rim = max(1, int(round(k)))
+    img[my0 - rim : my0 + ms + rim, mx0 - rim : mx0 + ms + rim] = 30.0
+    img[my0 : my0 + ms, mx0 : mx0 + ms] = np.array(COLOURS[mark], np.float32)
+
+    img += rng.standard_normal(img.shape, dtype=np.float32) * NOISE_STD
+    image = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), "RGB")
+    return Scene(
+        image=image,
+        shape=shape,
+        colour=colour,
+        mark=mark,
+        target_box=(x0, y0, x0 + s, y0 + s),
+        mark_box=(mx0, my0, mx0 + ms, my0 + ms),
+        where=_where(x0 + s / 2, y0 + s / 2, size),
+        seed=seed,
+    )
+
+
+def ask(scene: Scene, qtype: str, rng: np.random.Generator) -> tuple[str, str, str]:
+    """(question, answer, subtype) about a scene for one question type."""
+    if qtype == "fine":
+        t = FINE_TEMPLATES[int(rng.integers(len(FINE_TEMPLATES)))]
+        return t.format(shape=scene.shape), scene.mark, "mark"
+    if qtype == "coarse":
+        sub = list(COARSE_TEMPLATES)[int(rng.integers(len(COARSE_TEMPLATES)))]
+        answer = {"colour": scene.colour, "shape": scene.shape, "where": scene.where}[sub]
+        return COARSE_TEMPLATES[sub], answer, sub
+    if qtype == "yesno":
+        if rng.random() < 0.5:
+            return YESNO_TEMPLATE.format(shape=scene.shape), "yes", "yes"
+        others = [s for s in SHAPES if s != scene.shape]
+        return YESNO_TEMPLATE.format(shape=others[int(rng.integers(len(others)))]), "no", "no"
+    raise ValueError(f"unknown question type {qtype!r}; expected one of {QTYPES}")
+
+
+def _pick_qtype(rng: np.random.Generator) -> str:
+    return QTYPES[int(rng.choice(len(QTYPES), p=[QTYPE_WEIGHTS[q] for q in QTYPES]))]
+
+
+def render_sample(seed: int, qtype: str | None = None, size: int = SCENE_SIZE) -> ToySample:
+    """One scene + one question about it; ``qtype=None`` draws the type (fine 50%, coarse 30%, yes/no 20%)."""
+    scene = render_scene(seed, size)
+    rng = np.random.default_rng([seed, 1])
+    qtype = qtype or _pick_qtype(rng)
+    question, answer, sub = ask(scene, qtype, rng)
+    return ToySample(
+        image=scene.image,
+        question=question,
+        answer=answer,
+        qtype=qtype,
+        target_box=scene.target_box,
+        seed=seed,
+        attrs={
+            "shape": scene.shape,
+            "colour": scene.colour,
+            "mark": scene.mark,
+            "mark_box": scene.mark_box,
+            "where": scene.where,
+            "subtype": sub,
+        },
+    )
+
+
+def sample_seeds(n: int, seed: int) -> list[int]:
+    return [int(s) for s in np.random.default_rng(seed).integers(0, 2**31 - 1, n)]
+
+
+def make_samples(n: int, seed: int, qtypes=None, size: int = SCENE_SIZE) -> list[ToySample]:
+    """``n`` samples, deterministic in ``seed``; ``qtypes`` (a type or a list) restricts the question types
+    (cycled in order when a list is given)."""
+    if isinstance(qtypes, str):
+        qtypes = [qtypes]
+    seeds = sample_seeds(n, seed)
+    return [render_sample(s, None if not qtypes else qtypes[i % len(qtypes)], size) for i, s in enumerate(seeds)]
+
+
+def square_box(cx: float, cy: float, side: float, size: int) -> tuple[int, int, int, int]:
+    """An integer square box of ``side`` px centred at (cx, cy), shifted to lie inside the image."""
+    side = int(round(min(max(side, 2), size)))
+    x0 = int(round(cx - side / 2))
+    y0 = int(round(cy - side / 2))
+    x0 = min(max(x0, 0), size - side)
+    y0 = min(max(y0, 0), size - side)
+    return (x0, y0, x0 + side, y0 + side)
+
+
+def oracle_crop_box(sample, scale: float = 2.0) -> tuple[int, int, int, int]:
+    """The ground-truth crop: a square ``scale`` times the target's size, centred on it, inside the image."""
+    x0, y0, x1, y1 = sample.target_box
+    size = sample.image.size[0]
+    return square_box((x0 + x1) / 2, (y0 + y1) / 2, scale * max(x1 - x0, y1 - y0), size)
+
+
+def to_input(image: Image.Image, box=None, input_size: int = INPUT_SIZE) -> Image.Image:
+    """The crop (or the whole image) resized to the model input as the CLIP PIL processor does (bicubic)."""
+    if box is not None:
+        image = image.crop(box)
+    return image.resize((input_size, input_size), Image.BICUBIC)

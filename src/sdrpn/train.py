@@ -1,0 +1,197 @@
+"""Self-distillation of the RPN from a label folder (paper 3.3, Algorithm 1).
+
+One process:            sdrpn train --model M --labels LABELS --out RPN
+Several GPUs, one node: accelerate launch --num_processes 4 -m sdrpn.cli train --model M --labels LABELS --out RPN
+
+Only the RPN's R layers train; the B frozen layers run under no_grad. The loss is BCE-with-logits on the
+labelled tokens only (0 when a sample has none). AdamW (0.9, 0.98), no weight decay, cosine schedule with
+3% warm-up, gradient clipping. `--resume` continues from the last step checkpoint in the output folder.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+from transformers import get_cosine_schedule_with_warmup
+
+from sdrpn.errors import SdrpnError
+from sdrpn.images import load_image
+from sdrpn.labeling import LabelCache, LabelSettings, denoise, make_labels
+from sdrpn.models.base import FamilyAdapter
+from sdrpn.rpn import RegionProposalNetwork, load_rpn
+
+TARGETS = ("labels", "labels-no-sinks", "raw-mse")
+STATE_NAME = "train_state.pt"
+
+
+@dataclass
+class TrainSettings:
+    frozen_layers: int | None = None  # B (None: the adapter's default for the model)
+    rpn_layers: int | None = None  # R
+    learning_rate: float = 5e-5
+    batch_size: int = 8
+    grad_accumulation: int = 1
+    epochs: float = 1.0
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    max_samples: int | None = None  # seeded random subset (the paper's 10K setting)
+    seed: int = 0
+    save_every: int = 0  # steps between resumable checkpoints (0: only at the end)
+    mixed_precision: str = "auto"  # "auto" (bf16 on GPU), "bf16" or "no"
+    target: str = "labels"  # "labels" (paper), "labels-no-sinks", "raw-mse" (ablations)
+
+    def __post_init__(self) -> None:
+        if self.target not in TARGETS:
+            raise SdrpnError(f"target must be one of {TARGETS}, got {self.target!r}")
+        if self.batch_size < 1 or self.learning_rate <= 0 or self.epochs <= 0:
+            raise SdrpnError("batch_size, learning_rate and epochs must be positive")
+
+
+def masked_bce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """BCE-with-logits over tokens labelled 0/1; ignored (-1) tokens do not count; 0 when none."""
+    keep = labels >= 0
+    if not bool(keep.any()):
+        return logits.sum() * 0.0
+    return F.binary_cross_entropy_with_logits(logits[keep], labels[keep].to(logits.dtype))
+
+
+def masked_mse(logits: torch.Tensor, raw: torch.Tensor) -> torch.Tensor:
+    """The ablation that regresses the (max-normalised) raw attention map directly."""
+    target = raw / raw.amax(-1, keepdim=True).clamp(min=1e-12)
+    return F.mse_loss(torch.sigmoid(logits), target)
+
+
+def training_targets(records: list[dict], settings: LabelSettings, target: str) -> torch.Tensor:
+    """Per-record targets (B, N_v): labels (re-derived if the target asks for another rule) or raw maps."""
+    if target == "labels":
+        return torch.stack([r["labels"].long().flatten() for r in records])
+    raw = torch.stack([r["raw_map"] for r in records])
+    if target == "raw-mse":
+        return torch.stack(
+            [denoise(r["raw_map"], r["norms"], r["sink_map"], settings).flatten() for r in records]
+        )
+    no_sinks = LabelSettings(**{**asdict(settings), "sink_rule": "none"})
+    return make_labels(raw, None, None, no_sinks).flatten(1).long()
+
+
+def load_records(label_dir: str | Path, max_samples: int | None, seed: int) -> tuple[list[dict], LabelSettings, str]:
+    cache = LabelCache(label_dir)
+    meta = cache.settings()
+    records = sorted(cache.records(), key=lambda r: r["sample_id"])
+    if not records:
+        raise SdrpnError(f"label folder '{label_dir}' holds no labelled samples")
+    random.Random(seed).shuffle(records)
+    if max_samples is not None:
+        records = records[:max_samples]
+    return records, LabelSettings(**meta["settings"]), meta["model"]
+
+
+def train_rpn(
+    adapter: FamilyAdapter,
+    label_dir: str | Path,
+    out_dir: str | Path,
+    settings: TrainSettings | None = None,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    max_steps: int | None = None,
+) -> RegionProposalNetwork:
+    """Train an RPN for `adapter` on the labels in `label_dir`; checkpoints go to `out_dir`."""
+    settings = settings or TrainSettings()
+    records, label_settings, _ = load_records(label_dir, settings.max_samples, settings.seed)
+    out_dir = Path(out_dir)
+    state_path = out_dir / "last" / STATE_NAME
+    if resume and state_path.is_file():
+        rpn = load_rpn(out_dir / "last", adapter)
+    else:
+        default_b, default_r = adapter.default_rpn_depth()
+        rpn = RegionProposalNetwork(adapter, settings.frozen_layers or default_b, settings.rpn_layers or default_r)
+    rpn.config.label_settings = label_settings.to_json()
+    rpn.float().train()
+    for parameter in adapter.model.parameters():
+        parameter.requires_grad_(False)
+
+    precision = settings.mixed_precision
+    if precision == "auto":
+        precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    accelerator = Accelerator(mixed_precision=precision, gradient_accumulation_steps=settings.grad_accumulation)
+    optimizer = torch.optim.AdamW(
+        [p for p in rpn.parameters() if p.requires_grad],
+        lr=settings.learning_rate,
+        betas=(0.9, 0.98),
+        weight_decay=settings.weight_decay,
+    )
+    steps_per_epoch = math.ceil(len(records) / settings.batch_size)
+    total_batches = max(1, int(steps_per_epoch * settings.epochs))
+    if max_steps is not None:
+        total_batches = min(total_batches, max_steps * settings.grad_accumulation)
+    total_updates = math.ceil(total_batches / settings.grad_accumulation)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, int(settings.warmup_ratio * total_updates), total_updates)
+    rpn, optimizer, scheduler = accelerator.prepare(rpn, optimizer, scheduler)
+    adapter.model.to(accelerator.device)
+
+    start = 0
+    if resume and state_path.is_file():
+        state = torch.load(state_path, weights_only=False)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start = state["batch"]
+    order = [i for epoch in range(math.ceil(settings.epochs)) for i in _epoch_order(len(records), settings.seed + epoch)]
+    loss_fn = masked_mse if settings.target == "raw-mse" else masked_bce
+    bar = tqdm(total=total_batches, initial=start, desc="train rpn", unit="batch", disable=not progress)
+    for batch_index in range(start, total_batches):
+        begin = (batch_index * settings.batch_size) % len(order)
+        chosen = [records[order[(begin + j) % len(order)]] for j in range(settings.batch_size)]
+        images = [load_image(r["image"]) for r in chosen]
+        batch = adapter.prepare(images, [[r["question"]] for r in chosen])
+        targets = training_targets(chosen, label_settings, settings.target).to(accelerator.device)
+        with accelerator.accumulate(rpn):
+            logits, _ = rpn(batch)
+            loss = loss_fn(logits[:, 0], targets)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(rpn.parameters(), settings.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        done = batch_index + 1
+        if settings.save_every and done % settings.save_every == 0 and done < total_batches:
+            _save(accelerator, rpn, optimizer, scheduler, out_dir / "last", done, settings)
+    bar.close()
+    _save(accelerator, rpn, optimizer, scheduler, out_dir / "last", total_batches, settings)
+    final = accelerator.unwrap_model(rpn)
+    final.save(out_dir, **_training_record(settings, len(records), total_batches))
+    return final.eval()
+
+
+def _epoch_order(count: int, seed: int) -> list[int]:
+    order = list(range(count))
+    random.Random(seed).shuffle(order)
+    return order
+
+
+def _training_record(settings: TrainSettings, samples: int, batches: int) -> dict:
+    return {"settings": asdict(settings), "samples": samples, "batches": batches}
+
+
+def _save(accelerator, rpn, optimizer, scheduler, directory: Path, batch: int, settings: TrainSettings) -> None:
+    """A resumable checkpoint: RPN folder + optimizer/scheduler state, written atomically."""
+    if not accelerator.is_main_process:
+        return
+    accelerator.unwrap_model(rpn).save(directory)
+    state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "batch": batch}
+    temporary = directory / f".{STATE_NAME}.tmp"
+    torch.save(state, temporary)
+    temporary.replace(directory / STATE_NAME)
+    (directory / "progress.json").write_text(json.dumps({"batch": batch, "settings": asdict(settings)}, indent=2))
