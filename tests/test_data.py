@@ -109,8 +109,8 @@ def test_multi_image_record_is_bad(root: Path) -> None:
 
 def test_broken_json_list_is_a_file_error_with_line(root: Path) -> None:
     path = root / "d.json"
-    path.write_text('[\n  {"image": "imgs/a.jpg",\n   "question": "Q" "x"}\n]\n')
-    with pytest.raises(SdrpnError, match=r"d\.json:3: invalid JSON \(Expecting ',' delimiter"):
+    path.write_text('\n[\n  {"image": "imgs/a.jpg",\n   "question": "Q" "x"}\n]\n')  # leading blank line
+    with pytest.raises(SdrpnError, match=r"d\.json:4: invalid JSON \(Expecting ',' delimiter"):
         read_samples(path)
 
 

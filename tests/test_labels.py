@@ -223,9 +223,7 @@ def test_remove_sinks_auto_is_per_sample_in_a_batch():
     assert torch.equal(remove_sinks(roi, norms, batched=True), per_sample)
     assert sink_threshold(norms, batched=True).shape == (2,)
     # the same rows as (B, H, W) grids: batched by default
-    assert torch.equal(
-        remove_sinks(roi.reshape(2, 1, 5), norms.reshape(2, 1, 5)), per_sample.reshape(2, 1, 5)
-    )
+    assert torch.equal(remove_sinks(roi.reshape(2, 1, 5), norms.reshape(2, 1, 5)), per_sample.reshape(2, 1, 5))
     # a 2-D tensor is one (H, W) grid by default: pooled median 10, MAD 3 -> tau 25, only 100 goes
     pooled = torch.ones(2, 5)
     pooled[1, 4] = 0.0
@@ -236,12 +234,8 @@ def test_remove_sinks_by_attention():
     roi = torch.tensor([0.5, 0.4, 0.3, 0.2])
     sink_att = torch.tensor([0.0, 1e-3, 9.9e-4, 0.5])
     assert torch.equal(remove_sinks_by_attention(roi, sink_att), torch.tensor([0.5, 0.0, 0.3, 0.0]))
-    assert torch.equal(
-        remove_sinks_by_attention(roi, sink_att, threshold=1e-2), torch.tensor([0.5, 0.4, 0.3, 0.0])
-    )
-    batch = remove_sinks_by_attention(
-        roi.repeat(2, 1).reshape(2, 2, 2), sink_att.repeat(2, 1).reshape(2, 2, 2)
-    )
+    assert torch.equal(remove_sinks_by_attention(roi, sink_att, threshold=1e-2), torch.tensor([0.5, 0.4, 0.3, 0.0]))
+    batch = remove_sinks_by_attention(roi.repeat(2, 1).reshape(2, 2, 2), sink_att.repeat(2, 1).reshape(2, 2, 2))
     assert torch.equal(batch, torch.tensor([0.5, 0.0, 0.3, 0.0]).repeat(2, 1).reshape(2, 2, 2))
 
 

@@ -49,9 +49,7 @@ def _is_batched(x: Tensor, batched: bool | None, name: str) -> bool:
 
 def _check_same_shape(a: Tensor, b: Tensor, a_name: str, b_name: str) -> None:
     if a.shape != b.shape:
-        raise SdrpnError(
-            f"{a_name} and {b_name} must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}"
-        )
+        raise SdrpnError(f"{a_name} and {b_name} must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
 
 
 def sink_threshold(norms: Tensor, mad_k: float = 5.0, *, batched: bool | None = None) -> Tensor:
@@ -118,9 +116,7 @@ def assign_labels(roi_map: Tensor, fg: float = 0.2, bg: float = 0.1, max_box_fra
     if not 0 < max_box_frac <= 1:
         raise SdrpnError(f"max_box_frac must be in (0, 1], got {max_box_frac}")
     if roi_map.ndim not in (2, 3):
-        raise SdrpnError(
-            f"roi_map must be an (H, W) grid or a (B, H, W) batch, got shape {tuple(roi_map.shape)}"
-        )
+        raise SdrpnError(f"roi_map must be an (H, W) grid or a (B, H, W) batch, got shape {tuple(roi_map.shape)}")
 
     a = roi_map if roi_map.is_floating_point() else roi_map.float()
     a = a.unsqueeze(0) if a.ndim == 2 else a  # (B, H, W)

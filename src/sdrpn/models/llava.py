@@ -44,6 +44,10 @@ class LlavaAdapter(FamilyAdapter):
     }
     default_rpn_layers = {"llava-1.5-7b-hf": (15, 3), "llava-1.5-13b-hf": (15, 3)}
 
+    def __init__(self, model: nn.Module, processor, name_or_path: str):
+        super().__init__(model, processor, name_or_path)
+        processor.tokenizer.padding_side = "left"  # batched decoding continues from every row's last token
+
     @classmethod
     def from_pretrained(cls, name_or_path: str, *, dtype: torch.dtype | None = None, device: str | None = None):
         config = AutoConfig.from_pretrained(name_or_path)

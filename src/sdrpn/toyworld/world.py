@@ -5,9 +5,9 @@ Grammar of one scene (``size`` x ``size`` px, 512 by default; everything seeded)
 * Background: a mid-gray canvas with slow brightness drift, faint gray blobs (ellipses) and faint gray
   lines, plus per-pixel noise. Nothing in the clutter is coloured or object-like.
 * ONE target object at a random place: a filled ``shape`` in ``SHAPES`` (circle, square, triangle,
-  diamond, cross), ``OBJECT_SIZE`` px wide (28-36 px at 512 px, scaled with ``size``), in a saturated
+  diamond, cross), ``OBJECT_SIZE`` px wide (32-40 px at 512 px, scaled with ``size``), in a saturated
   ``colour`` from ``OBJECT_COLOURS``.
-* The fine property: a small square ``mark`` (``MARK_SIZE`` px, about 5 px at 512 px, with a 1-px dark
+* The fine property: a small square ``mark`` (``MARK_SIZE`` px, 3 px at 512 px, with a 1-px dark
   rim) at the target's centre, in a colour from ``MARK_COLOURS`` different from the object's colour.
   At the model's input resolution (the scene resized to 128 px, 4x smaller) the mark covers about one
   input pixel and only tints the target's 16-px patch; in a crop of twice the object's size resized to
@@ -36,7 +36,7 @@ from PIL import Image, ImageDraw
 
 SCENE_SIZE = 512
 INPUT_SIZE = 128  # the demo model's input side (8 x 8 tokens of 16 px)
-OBJECT_SIZE = (28, 36)  # px at SCENE_SIZE, scaled linearly with the scene size
+OBJECT_SIZE = (32, 40)  # px at SCENE_SIZE, scaled linearly with the scene size
 MARK_SIZE = 3  # px at SCENE_SIZE (colour core), plus a 1-px dark rim
 NOISE_STD = 10.0
 
@@ -110,6 +110,17 @@ class ToySample:
     attrs: dict = field(default_factory=dict)  # shape, colour, mark, mark_box, where, subtype
 
 
+_NOISE_TILE = 1024
+_NOISE: list[np.ndarray] = []
+
+
+def _noise_bank() -> np.ndarray:
+    """A fixed (seed 0) tile of pixel noise; scenes take a seeded window of it (fast and reproducible)."""
+    if not _NOISE:
+        _NOISE.append(np.random.default_rng(0).normal(0, NOISE_STD, (_NOISE_TILE, _NOISE_TILE, 3)).astype(np.float32))
+    return _NOISE[0]
+
+
 def _where(cx: float, cy: float, size: int) -> str:
     row = ROWS[min(2, int(3 * cy / size))]
     col = COLS[min(2, int(3 * cx / size))]
@@ -178,7 +189,8 @@ def render_scene(seed: int, size: int = SCENE_SIZE) -> Scene:
     img[my0 - rim : my0 + ms + rim, mx0 - rim : mx0 + ms + rim] = 30.0
     img[my0 : my0 + ms, mx0 : mx0 + ms] = np.array(COLOURS[mark], np.float32)
 
-    img += rng.standard_normal(img.shape, dtype=np.float32) * NOISE_STD
+    oy, ox = (int(v) for v in rng.integers(0, _NOISE_TILE - size + 1, 2))
+    img += _noise_bank()[oy : oy + size, ox : ox + size]
     image = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), "RGB")
     return Scene(
         image=image,
