@@ -9,9 +9,9 @@ so the mean of the kept rows is the paper's response-to-image RoI map.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 from transformers import AttentionInterface
@@ -52,7 +52,9 @@ class RowRecorder:
 
 
 def _capturing_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    output = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    output = sdpa_attention_forward(
+        module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+    )
     recorder = getattr(module, "_sdrpn_recorder", None)
     if recorder is not None:
         recorder.record(query, key, attention_mask, scaling if scaling is not None else query.shape[-1] ** -0.5)
@@ -110,7 +112,9 @@ class TeacherOutput:
 def response_lengths(token_ids: torch.Tensor, eos_ids: list[int]) -> torch.Tensor:
     """Number of decoding steps each sample really used: up to and including its first EOS."""
     is_eos = torch.isin(token_ids, torch.tensor(eos_ids, device=token_ids.device))
-    first = torch.where(is_eos.any(1), is_eos.float().argmax(1) + 1, torch.full_like(is_eos[:, 0], token_ids.shape[1], dtype=torch.long))
+    first = torch.where(
+        is_eos.any(1), is_eos.float().argmax(1) + 1, torch.full_like(is_eos[:, 0], token_ids.shape[1], dtype=torch.long)
+    )
     return first.long()
 
 

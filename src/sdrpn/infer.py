@@ -72,6 +72,7 @@ class ZoomResult:
     roi_map: np.ndarray | None
     extra_tokens: int
     timings: dict[str, float]
+    geometry: Geometry | None = None  # how roi_map lies on the image (for overlays)
 
     def to_json(self) -> dict:
         return {
@@ -195,8 +196,9 @@ class Zoom:
                 roi_map=p.probability if p is not None else None,
                 extra_tokens=len(tokens),
                 timings=timings,
+                geometry=geometry,
             )
-            for answer, p, tokens in zip(answers, predictions, extra)
+            for answer, p, tokens, geometry in zip(answers, predictions, extra, batch.geometries)
         ]
 
     def ask(self, image, question: str, method: str | None = None, upscale: str | None = None) -> ZoomResult:

@@ -59,7 +59,9 @@ class LabelSettings:
                 raise SdrpnError(f"label layer {layer} does not exist (the model has {num_layers} layers)")
         sink_heads = self.sink_heads or ({min(2, num_layers - 1): None} if self.sink_rule == "attention" else None)
         norm_layer = self.norm_layer if self.norm_layer is not None else min(label_heads)
-        return LabelSettings(**{**asdict(self), "label_heads": label_heads, "sink_heads": sink_heads, "norm_layer": norm_layer})
+        return LabelSettings(
+            **{**asdict(self), "label_heads": label_heads, "sink_heads": sink_heads, "norm_layer": norm_layer}
+        )
 
     def to_json(self) -> dict:
         return json.loads(json.dumps(asdict(self)))

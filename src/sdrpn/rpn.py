@@ -59,7 +59,8 @@ class RegionProposalNetwork(nn.Module):
         shape = adapter.attention_shape
         if frozen_layers < 0 or rpn_layers < 1 or frozen_layers + rpn_layers > shape.num_layers:
             raise SdrpnError(
-                f"B={frozen_layers}, R={rpn_layers} do not fit a model of {shape.num_layers} layers (need B+R <= L, R >= 1)"
+                f"B={frozen_layers}, R={rpn_layers} do not fit a model of {shape.num_layers} layers "
+                "(need B+R <= L, R >= 1)"
             )
         from sdrpn import __version__
 
@@ -161,5 +162,7 @@ def load_rpn(directory: str | Path, adapter: FamilyAdapter, *, allow_other_base:
     state = load_file(str(Path(directory) / WEIGHTS_NAME))
     missing, unexpected = rpn.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise SdrpnError(f"RPN weights in '{directory}' do not match: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        raise SdrpnError(
+            f"RPN weights in '{directory}' do not match: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
     return rpn.to(adapter.device).eval()

@@ -76,9 +76,7 @@ def training_targets(records: list[dict], settings: LabelSettings, target: str) 
         return torch.stack([r["labels"].long().flatten() for r in records])
     raw = torch.stack([r["raw_map"] for r in records])
     if target == "raw-mse":
-        return torch.stack(
-            [denoise(r["raw_map"], r["norms"], r["sink_map"], settings).flatten() for r in records]
-        )
+        return torch.stack([denoise(r["raw_map"], r["norms"], r["sink_map"], settings).flatten() for r in records])
     no_sinks = LabelSettings(**{**asdict(settings), "sink_rule": "none"})
     return make_labels(raw, None, None, no_sinks).flatten(1).long()
 
@@ -145,7 +143,9 @@ def train_rpn(
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start = state["batch"]
-    order = [i for epoch in range(math.ceil(settings.epochs)) for i in _epoch_order(len(records), settings.seed + epoch)]
+    order = [
+        i for epoch in range(math.ceil(settings.epochs)) for i in _epoch_order(len(records), settings.seed + epoch)
+    ]
     loss_fn = masked_mse if settings.target == "raw-mse" else masked_bce
     bar = tqdm(total=total_batches, initial=start, desc="train rpn", unit="batch", disable=not progress)
     for batch_index in range(start, total_batches):

@@ -7,8 +7,8 @@ predicted region maps back onto the original image.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 from PIL import Image
@@ -246,7 +246,7 @@ class LlavaAdapter(FamilyAdapter):
         length = max(len(r) for r in rows)
         padded = embeds.new_zeros(batch.size, length, embeds.shape[-1])
         for index, row in enumerate(rows):
-            padded[index, length - len(row):] = row
+            padded[index, length - len(row) :] = row
             masks.append(torch.arange(length, device=embeds.device) >= length - len(row))
         return padded, torch.stack(masks).long()
 

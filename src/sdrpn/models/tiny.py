@@ -84,7 +84,9 @@ def build_word_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def build_tiny_llava(spec: TinyLlavaSpec | None = None, seed: int = 0) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+def build_tiny_llava(
+    spec: TinyLlavaSpec | None = None, seed: int = 0
+) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
     """Randomly initialised tiny LLaVA + its processor (CLS dropped, as llava-1.5 does)."""
     spec = spec or TinyLlavaSpec()
     tokenizer = build_word_tokenizer(spec.words)

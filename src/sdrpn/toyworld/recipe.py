@@ -76,6 +76,7 @@ class RecipeArgs:
     eval_n: int = 96
     final_eval_n: int = 400
     threads: int = 2
+    bf16: int = 1  # bf16 autocast for the forward passes of training (1.3x faster on CPU); weights stay fp32
     vision_hidden: int = 192
     text_hidden: int = 192
     text_layers: int = 4
@@ -164,6 +165,11 @@ def to_pixels(images: list[Image.Image], mean, std) -> torch.Tensor:
     return torch.from_numpy(a.transpose(0, 3, 1, 2).copy())
 
 
+def image_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
+    """Projected visual tokens (B, N_TOK, D), CLS dropped, as LLaVA inserts them."""
+    return torch.stack(list(model.get_image_features(pixel_values=pixel_values).pooler_output))
+
+
 class Pool:
     """Scenes in memory at input resolution, with a few crops each and all labels; partly refreshed."""
 
@@ -240,7 +246,7 @@ def build_batch(model, batcher: Batcher, examples: list[dict], with_answer: bool
     if crop_idx:
         crops = to_pixels([examples[i]["crop_img"] for i in crop_idx], batcher.mean, batcher.std)
         imgs = torch.cat([scenes, crops])
-    feats = model.get_image_features(pixel_values=imgs).pooler_output  # (B + C, N_TOK, D)
+    feats = image_features(model, imgs)  # (B + C, N_TOK, D)
     scene_f, crop_f = feats[: len(examples)], feats[len(examples) :]
     emb = model.get_input_embeddings()
     seqs, labs, lasts, vis = [], [], [], []
@@ -257,7 +263,7 @@ def build_batch(model, batcher: Batcher, examples: list[dict], with_answer: bool
         ids = torch.tensor(p_ids + a_ids)
         x = emb(ids)
         img_pos = (ids == batcher.image_id).nonzero().squeeze(1)
-        x = x.index_put((img_pos,), v)
+        x = x.index_put((img_pos,), v.to(x.dtype))
         lab = torch.full((len(ids),), -100)
         if a_ids:
             lab[len(p_ids) - 1 : len(ids) - 1] = torch.tensor(a_ids)
@@ -494,7 +500,7 @@ def train(args: RecipeArgs, out: Path, log) -> dict:
                     c = it["crops"][int(rng.integers(pool.crops))]
                     imgs.append(c["img"])
                     labs.append(c["lab"])
-            feats = model.get_image_features(pixel_values=to_pixels(imgs, batcher.mean, batcher.std)).pooler_output
+            feats = image_features(model, to_pixels(imgs, batcher.mean, batcher.std))
             loss = heads.loss(feats, torch.from_numpy(np.stack(labs)))
             opt.zero_grad()
             loss.backward()
@@ -522,11 +528,12 @@ def train(args: RecipeArgs, out: Path, log) -> dict:
         if step and step % args.refresh_every == 0:
             pool.refresh()
         exs = [draw_example(pool, rng, args) for _ in range(args.batch)]
-        embeds, mask, labels, lasts, vis, scene_f, crop_f, crop_idx = build_batch(model, batcher, exs)
-        logits = model(inputs_embeds=embeds, attention_mask=mask).logits
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bool(args.bf16)):
+            embeds, mask, labels, lasts, vis, scene_f, crop_f, crop_idx = build_batch(model, batcher, exs)
+            logits = model(inputs_embeds=embeds, attention_mask=mask).logits.float()
+            aux_labs = [e["item"]["lab"] for e in exs] + [exs[i]["crop"]["lab"] for i in crop_idx]
+            aux = heads.loss(torch.cat([scene_f, crop_f]).float(), torch.from_numpy(np.stack(aux_labs)))
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
-        aux_labs = [e["item"]["lab"] for e in exs] + [exs[i]["crop"]["lab"] for i in crop_idx]
-        aux = heads.loss(torch.cat([scene_f, crop_f]), torch.from_numpy(np.stack(aux_labs)))
         total = loss + args.aux_weight * aux
         opt.zero_grad()
         total.backward()

@@ -1,0 +1,208 @@
+"""The `sdrpn` command: parse, call the library, print. Problems a user can fix print one line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from sdrpn.errors import SdrpnError
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _add_model(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="hub name (llava-hf/llava-1.5-7b-hf), local directory, or 'toy'")
+    parser.add_argument("--dtype", choices=DTYPES, default=None, help="weights dtype (default float32)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: where it loads)")
+
+
+def _load_adapter(args):
+    import torch
+
+    from sdrpn.models import load_model
+
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    return load_model(_model_path(args.model), dtype=dtype, device=args.device)
+
+
+def _model_path(name: str) -> str:
+    if name == "toy":
+        from sdrpn.toyworld.shipped import shipped_model_dir
+
+        return str(shipped_model_dir())
+    return name
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sdrpn", description="Self-distilled region proposal for multimodal LLMs.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    label = commands.add_parser("label", help="pseudo-labels from the model's own answer->image attention")
+    _add_model(label)
+    label.add_argument("--data", required=True, help="LLaVA instruction JSON or JSONL of {image, question}")
+    label.add_argument("--out", required=True, help="label folder (re-running resumes)")
+    label.add_argument("--image-root", default=None, help="folder image paths are relative to (default: the data's)")
+    label.add_argument("--max-samples", type=int, default=None, help="seeded random subset (e.g. 10000)")
+    label.add_argument("--seed", type=int, default=0)
+    label.add_argument("--batch-size", type=int, default=4)
+    label.add_argument("--shard-size", type=int, default=256)
+    label.add_argument("--layers", default=None, help="label layers:heads, e.g. '14:24,13,26' (default: the model's)")
+    label.add_argument("--sink-rule", choices=("norm", "attention", "none"), default="norm")
+    label.add_argument("--tau-norm", type=float, default=None, help="sink norm threshold (default: median + 5 MAD)")
+    label.add_argument("--fg", type=float, default=0.2)
+    label.add_argument("--bg", type=float, default=0.1)
+    label.add_argument("--max-box-frac", type=float, default=0.5)
+    label.add_argument("--max-new-tokens", type=int, default=128)
+
+    train = commands.add_parser("train", help="train the RPN on a label folder")
+    _add_model(train)
+    train.add_argument("--labels", required=True)
+    train.add_argument("--out", required=True, help="RPN checkpoint folder")
+    train.add_argument("--frozen-layers", "-B", type=int, default=None, help="B (default: the model's)")
+    train.add_argument("--rpn-layers", "-R", type=int, default=None, help="R (default: 3)")
+    train.add_argument("--lr", type=float, default=5e-5)
+    train.add_argument("--batch-size", type=int, default=8)
+    train.add_argument("--grad-accumulation", type=int, default=1)
+    train.add_argument("--epochs", type=float, default=1.0)
+    train.add_argument("--max-samples", type=int, default=None)
+    train.add_argument("--max-steps", type=int, default=None)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--save-every", type=int, default=0, help="steps between resumable checkpoints")
+    train.add_argument("--mixed-precision", choices=("auto", "bf16", "no"), default="auto")
+    train.add_argument("--target", choices=("labels", "labels-no-sinks", "raw-mse"), default="labels")
+    train.add_argument("--resume", action="store_true", help="continue from OUT/last")
+
+    ask = commands.add_parser("ask", help="answer a question about an image, zooming where the RPN points")
+    _add_model(ask)
+    ask.add_argument("--rpn", default=None, help="RPN checkpoint folder (needed for --method sdrpn)")
+    ask.add_argument("--image", required=True)
+    ask.add_argument("--question", required=True)
+    ask.add_argument("--method", choices=("sdrpn", "base", "raw-attention", "vicrop"), default=None)
+    ask.add_argument("--upscale", choices=("mask", "box"), default="mask")
+    ask.add_argument("--tau", type=float, default=None, help="RoI threshold in (0, 1) (default 0.15)")
+    ask.add_argument("--max-new-tokens", type=int, default=128)
+    ask.add_argument("--save-overlay", default=None, help="write a PNG of the image, RoI map and boxes")
+    ask.add_argument("--json", action="store_true", help="print the whole result as JSON")
+
+    commands.add_parser("selftest", help="label, train and ask end to end on a tiny offline model (~1 min)")
+    return parser
+
+
+def cmd_label(args) -> int:
+    from sdrpn.data import read_samples, shuffled_subset
+    from sdrpn.labeling import LabelSettings, generate_labels, layer_heads_from_text
+
+    settings = LabelSettings(
+        label_heads=layer_heads_from_text(args.layers) if args.layers else None,
+        sink_rule=args.sink_rule,
+        tau_norm=args.tau_norm,
+        fg=args.fg,
+        bg=args.bg,
+        max_box_frac=args.max_box_frac,
+        max_new_tokens=args.max_new_tokens,
+    )
+    report = read_samples(args.data, args.image_root)
+    samples = shuffled_subset(report.samples, args.max_samples, args.seed)
+    adapter = _load_adapter(args)
+    result = generate_labels(
+        adapter, samples, args.out, settings, batch_size=args.batch_size, shard_size=args.shard_size
+    )
+    bad = report.bad + result.bad
+    for reason in bad:
+        print(f"skipped: {reason}", file=sys.stderr)
+    print(
+        f"labelled {result.labelled}, already done {result.skipped_done}, bad {len(bad)}, "
+        f"dropped (foreground box too large) {result.dropped} -> {args.out}"
+    )
+    return 0
+
+
+def cmd_train(args) -> int:
+    from sdrpn.train import TrainSettings, train_rpn
+
+    settings = TrainSettings(
+        frozen_layers=args.frozen_layers,
+        rpn_layers=args.rpn_layers,
+        learning_rate=args.lr,
+        batch_size=args.batch_size,
+        grad_accumulation=args.grad_accumulation,
+        epochs=args.epochs,
+        max_samples=args.max_samples,
+        seed=args.seed,
+        save_every=args.save_every,
+        mixed_precision=args.mixed_precision,
+        target=args.target,
+    )
+    adapter = _load_adapter(args)
+    rpn = train_rpn(adapter, args.labels, args.out, settings, resume=args.resume, max_steps=args.max_steps)
+    print(f"RPN (B={rpn.config.frozen_layers}, R={rpn.config.rpn_layers}) saved to {args.out}")
+    return 0
+
+
+def cmd_ask(args) -> int:
+    from sdrpn.images import load_image
+    from sdrpn.infer import load
+    from sdrpn.overlay import save_overlay
+
+    image = load_image(args.image)
+    adapter = _load_adapter(args)
+    zoom = load(
+        adapter, args.rpn, method=args.method, upscale=args.upscale, tau=args.tau, max_new_tokens=args.max_new_tokens
+    )
+    result = zoom.ask(image, args.question)
+    if args.save_overlay:
+        save_overlay(args.save_overlay, image, result.roi_map, result.geometry, result.boxes)
+    if args.json:
+        print(json.dumps({**result.to_json(), "overlay": args.save_overlay}, indent=2))
+    else:
+        print(result.answer)
+        print(
+            f"method {result.method}, boxes {result.boxes}, extra visual tokens {result.extra_tokens}, "
+            f"{result.timings['total'] * 1000:.0f} ms",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def cmd_selftest(args) -> int:
+    from sdrpn.selftest import run_selftest
+
+    return run_selftest()
+
+
+COMMANDS = {"label": cmd_label, "train": cmd_train, "ask": cmd_ask, "selftest": cmd_selftest}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _quiet_libraries()
+    try:
+        return COMMANDS[args.command](args)
+    except SdrpnError as error:
+        print(f"sdrpn {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"sdrpn {args.command}: interrupted (finished work is saved; re-run to resume)", file=sys.stderr)
+        return 130
+
+
+def _quiet_libraries() -> None:
+    """Only the CLI configures logging: keep transformers' notices out of the user's terminal."""
+    import logging
+    import warnings
+
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""Pins the attention capture against eager `output_attentions`, and the first-N-layers forward."""
+
+from __future__ import annotations
+
+import torch
+
+from sdrpn.attention import prompt_attention, teacher_attention
+from tests.conftest import QUESTIONS, random_images
+
+LAYERS = {2: None, 3: [0, 2]}
+
+
+def _eager_reference(adapter, image, question, generated, layers, norm_layer):
+    """The same quantity from full eager attention maps on [prompt + response]."""
+    single = adapter.prepare([image], [[question]])
+    prompt_length = single.inputs["input_ids"].shape[1]
+    ids = torch.cat([single.inputs["input_ids"], generated[None, :-1]], 1)
+    model = adapter.model
+    model.set_attn_implementation("eager")
+    try:
+        out = model(
+            input_ids=ids, pixel_values=single.inputs["pixel_values"], output_attentions=True, output_hidden_states=True
+        )
+    finally:
+        model.set_attn_implementation("sdpa")
+    visual = single.visual_positions[0]
+    steps = len(generated)
+    maps = []
+    for layer, heads in layers.items():
+        attention = out.attentions[layer][0]  # (H, T, S)
+        attention = attention[heads] if heads else attention
+        maps.append(attention.mean(0)[prompt_length - 1 : prompt_length - 1 + steps][:, visual].mean(0))
+    norms = out.hidden_states[norm_layer][0, visual].norm(dim=-1)
+    return torch.stack(maps).mean(0).view(*single.grid), norms.view(*single.grid)
+
+
+def test_teacher_capture_equals_eager_attention(adapter):
+    images = random_images(2, seed=5)
+    batch = adapter.prepare(images, [[QUESTIONS[0]], [QUESTIONS[2]]])  # different lengths: left padding
+    output = teacher_attention(adapter, batch, LAYERS, max_new_tokens=5, norm_layer=2)
+    assert output.roi_maps.shape == (2, 4, 4)
+    for index, question in enumerate([QUESTIONS[0], QUESTIONS[2]]):
+        steps = int(output.response_lengths[index])
+        generated = output.token_ids[index, :steps]
+        reference, norms = _eager_reference(adapter, images[index], question, generated, LAYERS, 2)
+        torch.testing.assert_close(output.roi_maps[index], reference, atol=1e-5, rtol=0)
+        torch.testing.assert_close(output.norms[index], norms, atol=1e-5, rtol=1e-5)
+
+
+def test_capture_leaves_the_model_unchanged(adapter):
+    batch = adapter.prepare(random_images(1), [[QUESTIONS[1]]])
+    before = adapter.generate(batch, max_new_tokens=4)
+    teacher_attention(adapter, batch, LAYERS, max_new_tokens=4)
+    assert adapter.model.config.text_config._attn_implementation == "sdpa"
+    assert not any(hasattr(adapter.attention_module(layer), "_sdrpn_recorder") for layer in adapter.decoder_layers)
+    assert torch.equal(adapter.generate(batch, max_new_tokens=4), before)
+
+
+def test_prompt_attention_is_a_distribution_over_part_of_the_sequence(adapter):
+    batch = adapter.prepare(random_images(2), [[QUESTIONS[0]], [QUESTIONS[1]]])
+    maps = prompt_attention(adapter, batch, {1: None})
+    assert maps.shape == (2, 4, 4)
+    assert bool((maps > 0).all()) and bool((maps.flatten(1).sum(-1) < 1).all())
+
+
+def test_first_layers_equal_full_forward_hidden_states(adapter):
+    batch = adapter.prepare(random_images(2), [[QUESTIONS[0]], [QUESTIONS[2]]])
+    with torch.no_grad():
+        full = adapter.model.model(**batch.inputs, position_ids=batch.position_ids, output_hidden_states=True)
+        for layers in (1, 3):
+            prefix = adapter.prefix_hidden(batch, layers)
+            torch.testing.assert_close(prefix, full.hidden_states[layers], atol=1e-6, rtol=1e-6)
+        rest = adapter.run_layers(adapter.prefix_hidden(batch, 2), batch, list(adapter.decoder_layers)[2:4])
+        torch.testing.assert_close(rest, full.hidden_states[4], atol=1e-5, rtol=1e-5)
+    assert len(adapter.decoder_layers) == 6  # the swap is undone

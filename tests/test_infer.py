@@ -1,0 +1,376 @@
+"""Pins two-stage inference (paper 3.4): crop token counts, insertion point, no-region == base, batch == single."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from tests.conftest import WORDS, random_images
+from PIL import Image
+
+from sdrpn.errors import SdrpnError
+from sdrpn.infer import GENERIC_PROMPT, InferSettings, RoiPrediction, Zoom, load
+from sdrpn.models import wrap_model
+from sdrpn.models.tiny import TinyLlavaSpec, build_tiny_llava
+from sdrpn.roi import Geometry, RoiSettings, crop_token_mask, find_regions, grid_box_to_pixels
+from sdrpn.rpn import RegionProposalNetwork, load_rpn
+
+NEW_TOKENS = 4
+# Three questions of different token lengths, so the batch is left-padded differently per row.
+BATCH_QUESTIONS = ["where ?", "what colour is the object ?", "what is red top left green blue square ? where"]
+# Sharpened random RPN + a threshold that keeps part of its map; max_side_frac=1 keeps whole-grid
+# regions too (a random model's attention maps are nearly flat, so raw-attention covers the grid).
+CROP_ROI = RoiSettings(tau=0.6, max_side_frac=1.0)
+
+
+def _images() -> list[Image.Image]:
+    sizes = [(100, 80), (60, 90), (120, 120)]
+    return [random_images(1, seed=10 + i, size=size)[0] for i, size in enumerate(sizes)]
+
+
+@pytest.fixture(scope="module")
+def fresh_rpn(adapter):
+    torch.manual_seed(0)
+    return RegionProposalNetwork(adapter, 2, 3).eval()
+
+
+@pytest.fixture(scope="module")
+def sharp_rpn(adapter):
+    """A freshly initialised RPN whose q projection is scaled up: its near-flat random map (all ~0.5)
+    becomes peaked enough that thresholding keeps some tokens and drops others."""
+    torch.manual_seed(0)
+    rpn = RegionProposalNetwork(adapter, 2, 3).eval()
+    with torch.no_grad():
+        rpn.q_proj.weight.mul_(100.0)
+    return rpn
+
+
+# --- stage 2: the crop tokens --------------------------------------------------------------------
+
+
+def _two_component_prediction(image: Image.Image) -> RoiPrediction:
+    probability = np.zeros((4, 4))
+    probability[0, 0] = probability[0, 1] = 0.9  # component 1
+    probability[2, 1] = probability[2, 2] = 0.9  # component 2 (two rows below: not 8-connected)
+    settings = RoiSettings(sigma=0.0, tau=0.5, min_tokens=1, grow_below=0, max_side_frac=1.0)
+    regions = find_regions(probability, settings)
+    assert regions.boxes == [(0, 0, 1, 2), (2, 1, 3, 3)]
+    geometry = Geometry.pad_to_square(*image.size, 4, 4)
+    boxes = [grid_box_to_pixels(b, geometry) for b in regions.boxes]
+    union = grid_box_to_pixels(regions.union_box, geometry)
+    return RoiPrediction(probability, regions, boxes, union, geometry)
+
+
+def test_box_upscaling_gives_one_full_crop_per_box(adapter):
+    image = random_images(1, seed=1, size=(120, 90))[0]
+    prediction = _two_component_prediction(image)
+    zoom = Zoom(adapter, settings=InferSettings(method="base"))
+    with torch.no_grad():
+        tokens = zoom.crop_tokens(image, prediction, "box")
+        expected, _ = adapter.encode_images([image.crop(b) for b in prediction.boxes])
+    assert tokens.shape == (32, adapter.attention_shape.hidden_size)
+    torch.testing.assert_close(tokens, torch.cat(expected))
+
+
+def test_mask_upscaling_keeps_only_crop_tokens_under_the_mask(adapter):
+    image = random_images(1, seed=1, size=(120, 90))[0]
+    prediction = _two_component_prediction(image)
+    zoom = Zoom(adapter, settings=InferSettings(method="base"))
+    crop = image.crop(prediction.union_box)
+    with torch.no_grad():
+        tokens = zoom.crop_tokens(image, prediction, "mask")
+        features, geometries = adapter.encode_images([crop])
+    keep = crop_token_mask(prediction.regions.mask, prediction.geometry, prediction.union_box, geometries[0])
+    assert 0 < keep.sum() < 16
+    assert tokens.shape == (int(keep.sum()), adapter.attention_shape.hidden_size)
+    torch.testing.assert_close(tokens, features[0][torch.from_numpy(keep.reshape(-1))])
+    # The union box is b_all of Eq. 8: one crop around both components, not the whole image.
+    assert prediction.union_box != (0, 0, *image.size)
+
+
+# --- stage 2: where the crop tokens go -----------------------------------------------------------
+
+
+def test_extra_tokens_are_inserted_right_after_the_image_tokens(adapter):
+    images = random_images(3, seed=2)
+    batch = adapter.prepare(images, [[q] for q in BATCH_QUESTIONS])
+    mask = batch.inputs["attention_mask"]
+    lengths = mask.sum(-1).tolist()
+    assert len(set(lengths)) == 3, "the prompts must differ in length for this test to mean anything"
+    dim = adapter.attention_shape.hidden_size
+    generator = torch.Generator().manual_seed(0)
+    extra = [torch.randn(n, dim, generator=generator) for n in (5, 0, 17)]
+    with torch.no_grad():
+        embeds = adapter.input_embeddings(batch)
+    new_embeds, new_mask = adapter._insert_after_image(embeds, mask, batch, extra)
+
+    assert new_mask.shape == new_embeds.shape[:2]
+    assert new_mask.shape[1] == max(n + len(t) for n, t in zip(lengths, extra))
+    for row in range(batch.size):
+        n_extra = len(extra[row])
+        assert int(new_mask[row].sum()) == lengths[row] + n_extra
+        # Left padding: zeros then ones, the last position is always a real token.
+        pad = int((new_mask[row] == 0).sum())
+        assert new_mask[row, :pad].sum() == 0 and bool(new_mask[row, pad:].all())
+        assert torch.all(new_embeds[row, :pad] == 0)
+        old_pad = int((mask[row] == 0).sum())
+        last_visual = int(batch.visual_positions[row, -1])
+        assert last_visual == int(batch.visual_positions[row].max())
+        before = embeds[row, old_pad : last_visual + 1]
+        after = embeds[row, last_visual + 1 :]
+        got = new_embeds[row, pad:]
+        torch.testing.assert_close(got[: len(before)], before, rtol=0, atol=0)
+        torch.testing.assert_close(got[len(before) : len(before) + n_extra], extra[row], rtol=0, atol=0)
+        torch.testing.assert_close(got[len(before) + n_extra :], after, rtol=0, atol=0)
+
+
+# --- no region == the base model ---------------------------------------------------------------
+
+
+def test_no_region_gives_exactly_the_base_answer(adapter, fresh_rpn):
+    images = _images()
+    # A fresh RPN predicts ~0.5 everywhere: nothing clears tau = 0.9.
+    zoom = Zoom(adapter, fresh_rpn, InferSettings(roi=RoiSettings(tau=0.9), max_new_tokens=NEW_TOKENS))
+    predictions = zoom.predict_roi(images, BATCH_QUESTIONS)
+    assert [p.boxes for p in predictions] == [[], [], []]
+
+    results = zoom.ask_batch(images, BATCH_QUESTIONS)
+    base = zoom.ask_batch(images, BATCH_QUESTIONS, method="base")
+    assert all(r.extra_tokens == 0 and r.boxes == [] for r in results)
+    assert all(r.roi_map is not None and r.roi_map.shape == (4, 4) for r in results)
+    assert [r.answer for r in results] == [r.answer for r in base]
+
+    batch = zoom._prepare(images, BATCH_QUESTIONS)
+    dim = adapter.attention_shape.hidden_size
+    with torch.no_grad():
+        ours = adapter.generate(batch, [torch.zeros(0, dim)] * 3, max_new_tokens=NEW_TOKENS)
+        stock = adapter.model.generate(**batch.inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
+    stock = stock[:, batch.inputs["input_ids"].shape[1] :]
+    assert torch.equal(ours, stock)
+    assert adapter.decode(stock) == [r.answer for r in results]
+
+
+def test_zeroed_rpn_map_gives_the_base_answer(adapter, fresh_rpn, monkeypatch):
+    image, question = _images()[0], BATCH_QUESTIONS[2]
+    zoom = Zoom(adapter, fresh_rpn, InferSettings(max_new_tokens=NEW_TOKENS))
+    base = zoom.ask(image, question, method="base")
+    monkeypatch.setattr(zoom, "roi_maps", lambda batch, method: np.zeros((batch.size, *batch.grid)))
+    result = zoom.ask(image, question)
+    assert (result.answer, result.extra_tokens, result.boxes) == (base.answer, 0, [])
+
+
+# --- batch == single ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "method, upscale",
+    [
+        ("sdrpn", "mask"),
+        ("sdrpn", "box"),
+        ("base", "mask"),
+        ("raw-attention", "mask"),
+        ("raw-attention", "box"),
+        ("vicrop", "box"),
+        ("vicrop", "mask"),
+    ],
+)
+def test_batch_answers_equal_single_answers(adapter, sharp_rpn, method, upscale):
+    images = _images()
+    settings = InferSettings(method=method, upscale=upscale, roi=CROP_ROI, max_new_tokens=NEW_TOKENS)
+    zoom = Zoom(adapter, sharp_rpn, settings)
+    batched = zoom.ask_batch(images, BATCH_QUESTIONS)
+    singles = [zoom.ask(image, question) for image, question in zip(images, BATCH_QUESTIONS)]
+    for many, one in zip(batched, singles):
+        assert many.method == one.method == method
+        assert many.boxes == one.boxes
+        assert many.extra_tokens == one.extra_tokens
+        assert many.answer == one.answer
+        if method == "base":
+            assert many.roi_map is None and many.extra_tokens == 0
+        else:
+            np.testing.assert_allclose(many.roi_map, one.roi_map, atol=1e-5)
+    if method != "base":
+        assert any(r.boxes for r in batched), f"{method} proposed no region: the test would not exercise crops"
+        for result in batched:
+            per_box = 16 * len(result.boxes)
+            if method == "vicrop" or upscale == "box":
+                assert result.extra_tokens == per_box
+            else:
+                assert 0 < result.extra_tokens <= 16 if result.boxes else result.extra_tokens == 0
+    if method == "sdrpn":
+        # Some sample must be left alone, or the map is just "everything" and the test is weaker.
+        assert any(r.extra_tokens < 16 * max(1, len(r.boxes)) or not r.boxes for r in batched)
+
+
+# --- ViCrop's map ---------------------------------------------------------------------------------
+
+
+def _eager_last_token_attention(adapter, batch, layer: int) -> torch.Tensor:
+    output = adapter.model(
+        **batch.inputs, position_ids=batch.position_ids, output_attentions=True, use_cache=False
+    )
+    attention = output.attentions[layer]  # (B, heads, T, T)
+    rows = torch.arange(batch.size)[:, None]
+    return attention[:, :, -1, :].mean(1)[rows, batch.visual_positions].view(batch.size, *batch.grid)
+
+
+def test_vicrop_map_equals_a_direct_eager_computation(adapter):
+    images = _images()
+    layer = 2
+    zoom = Zoom(adapter, settings=InferSettings(method="vicrop", vicrop_layer=layer))
+    batch = zoom._prepare(images, BATCH_QUESTIONS)
+    maps = zoom._vicrop_maps(batch)
+
+    generic = adapter.prepare(batch.images, [[GENERIC_PROMPT]] * batch.size)
+    adapter.model.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            specific_rows = _eager_last_token_attention(adapter, batch, layer)
+            generic_rows = _eager_last_token_attention(adapter, generic, layer)
+            # One sample alone (no padding): the batch must not change the map.
+            alone = adapter.prepare(images[:1], [[BATCH_QUESTIONS[0]]])
+            alone_generic = adapter.prepare(images[:1], [[GENERIC_PROMPT]])
+            alone_rows = _eager_last_token_attention(adapter, alone, layer)
+            alone_generic_rows = _eager_last_token_attention(adapter, alone_generic, layer)
+    finally:
+        adapter.model.set_attn_implementation("sdpa")
+    assert adapter.model.config.text_config._attn_implementation == "sdpa"
+
+    ratio = specific_rows / generic_rows
+    expected = (ratio / ratio.flatten(1).amax(-1)[:, None, None]).numpy()
+    assert maps.shape == (3, 4, 4)
+    np.testing.assert_allclose(maps, expected, atol=1e-5, rtol=0)
+    assert np.allclose(maps.reshape(3, -1).max(-1), 1.0)
+    ratio_alone = alone_rows / alone_generic_rows
+    np.testing.assert_allclose(maps[0], (ratio_alone / ratio_alone.max())[0].numpy(), atol=1e-5, rtol=0)
+    # Not the trivial map: the question changes where the last token looks.
+    assert not np.allclose(maps, 1.0, atol=1e-3)
+
+
+def test_vicrop_default_layer_is_the_first_label_layer(adapter):
+    images = _images()[:1]
+    default = Zoom(adapter, settings=InferSettings(method="vicrop"))
+    explicit = Zoom(adapter, settings=InferSettings(method="vicrop", vicrop_layer=min(adapter.default_label_heads())))
+    batch = default._prepare(images, BATCH_QUESTIONS[:1])
+    np.testing.assert_array_equal(default._vicrop_maps(batch), explicit._vicrop_maps(batch))
+
+
+# --- predict_roi ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["sdrpn", "vicrop", "raw-attention"])
+def test_predict_roi_boxes_are_pixels_inside_a_non_square_image(adapter, sharp_rpn, method):
+    image = random_images(1, seed=4, size=(160, 60))[0]
+    zoom = Zoom(adapter, sharp_rpn, InferSettings(roi=CROP_ROI, max_new_tokens=NEW_TOKENS))
+    (prediction,) = zoom.predict_roi([image], ["what colour is the object ?"], method=method)
+    assert prediction.probability.shape == (4, 4)
+    assert prediction.regions.mask.shape == (4, 4)
+    assert prediction.geometry == Geometry.pad_to_square(160, 60, 4, 4)
+    assert prediction.boxes, f"{method} proposed no box for this image"
+    assert len(prediction.boxes) == len(prediction.regions.boxes)
+    for box, grid_box in zip(prediction.boxes, prediction.regions.boxes):
+        x0, y0, x1, y1 = box
+        assert all(isinstance(v, int) for v in box)
+        assert 0 <= x0 < x1 <= 160 and 0 <= y0 < y1 <= 60
+        assert box == grid_box_to_pixels(grid_box, prediction.geometry)
+    ux0, uy0, ux1, uy1 = prediction.union_box
+    assert 0 <= ux0 < ux1 <= 160 and 0 <= uy0 < uy1 <= 60
+    assert zoom.predict_roi([image], ["where ?"], method="base") == []
+
+
+# --- bad input ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tau", [0.0, 1.0, 1.5, -0.1, float("nan")])
+def test_tau_outside_open_unit_interval_is_rejected(adapter, tau):
+    with pytest.raises(SdrpnError, match="tau"):
+        RoiSettings(tau=tau)
+    with pytest.raises(SdrpnError, match="tau"):
+        load(adapter, tau=tau)
+
+
+def test_sdrpn_without_rpn_is_rejected(adapter):
+    with pytest.raises(SdrpnError, match="RPN"):
+        Zoom(adapter, None, InferSettings(method="sdrpn"))
+    zoom = Zoom(adapter)  # no RPN: the base model
+    assert zoom.settings.method == "base"
+    image = random_images(1)[0]
+    with pytest.raises(SdrpnError, match="RPN"):
+        zoom.ask(image, "where ?", method="sdrpn")
+
+
+def test_unknown_method_or_upscale_is_rejected(adapter, fresh_rpn):
+    with pytest.raises(SdrpnError, match="method"):
+        InferSettings(method="zoom-harder")
+    with pytest.raises(SdrpnError, match="upscale"):
+        InferSettings(upscale="bicubic")
+    zoom = Zoom(adapter, fresh_rpn, InferSettings(max_new_tokens=NEW_TOKENS))
+    image = random_images(1)[0]
+    with pytest.raises(SdrpnError, match="method"):
+        zoom.ask(image, "where ?", method="zoom-harder")
+    with pytest.raises(SdrpnError, match="upscale"):
+        zoom.ask(image, "where ?", upscale="bicubic")
+    with pytest.raises(SdrpnError, match="method"):
+        zoom.predict_roi([image], ["where ?"], method="zoom-harder")
+
+
+def test_rpn_of_another_base_model_is_rejected(adapter, fresh_rpn, tmp_path):
+    fresh_rpn.save(tmp_path / "rpn")
+    assert isinstance(load_rpn(tmp_path / "rpn", adapter), RegionProposalNetwork)  # its own model: fine
+    other_model, other_processor = build_tiny_llava(TinyLlavaSpec(words=WORDS), seed=2)
+    other = wrap_model(other_model, other_processor, "tiny-llava-seed2")
+    assert other.fingerprint() == adapter.fingerprint()  # same shapes: only the weights tell them apart
+    with pytest.raises(SdrpnError, match="trained for base model"):
+        load_rpn(tmp_path / "rpn", other)
+    with pytest.raises(SdrpnError, match="trained for base model"):
+        load(other, str(tmp_path / "rpn"))
+
+
+def test_degenerate_images_are_rejected_with_sdrpn_error(adapter, tmp_path):
+    zoom = Zoom(adapter, settings=InferSettings(method="base", max_new_tokens=NEW_TOKENS))
+    strip = Image.new("L", (20000, 300), 128)  # aspect 66.7 > 50
+    path = tmp_path / "strip.png"
+    strip.save(path)
+    with pytest.raises(SdrpnError, match="aspect ratio"):
+        zoom.ask(str(path), "where ?")
+    with pytest.raises(SdrpnError, match="aspect ratio"):
+        zoom.ask(strip, "where ?")
+    with pytest.raises(SdrpnError, match="file not found"):
+        zoom.ask(str(tmp_path / "missing.png"), "where ?")
+    text = tmp_path / "notes.png"
+    text.write_text("not an image\n")
+    with pytest.raises(SdrpnError, match="not an image"):
+        zoom.ask(str(text), "where ?")
+
+
+def _odd_images() -> dict[str, Image.Image]:
+    rgb = random_images(1, seed=6, size=(70, 50))[0]
+    deep = Image.fromarray((np.arange(50 * 70, dtype=np.uint16).reshape(50, 70) * 18).astype(np.uint16))
+    rgba = rgb.convert("RGBA")
+    rgba.putalpha(Image.linear_gradient("L").resize(rgba.size))
+    return {
+        "1x1": Image.new("RGB", (1, 1), (200, 10, 10)),
+        "L": rgb.convert("L"),
+        "RGBA": rgba,
+        "CMYK": rgb.convert("CMYK"),
+        "I;16": deep,
+        "P": rgb.convert("P"),
+    }
+
+
+@pytest.mark.parametrize("method", ["vicrop", "sdrpn"])
+def test_odd_pil_modes_are_answered(adapter, sharp_rpn, method):
+    odd = _odd_images()
+    assert odd["I;16"].mode.startswith("I;16") and odd["CMYK"].mode == "CMYK"
+    zoom = Zoom(adapter, sharp_rpn, InferSettings(method=method, roi=CROP_ROI, max_new_tokens=NEW_TOKENS))
+    results = zoom.ask_batch(list(odd.values()), ["what colour is the object ?"] * len(odd))
+    assert len(results) == len(odd)
+    for name, result in zip(odd, results):
+        assert isinstance(result.answer, str), name
+        w, h = odd[name].size
+        for x0, y0, x1, y1 in result.boxes:
+            assert 0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h, name
+    if method == "vicrop":  # ViCrop always crops one window: the 1x1 image must survive its crop
+        assert all(r.extra_tokens == 16 for r in results)
+    single = zoom.ask(odd["1x1"], "what colour is the object ?")
+    assert single.answer == results[0].answer

@@ -1,0 +1,103 @@
+"""Pins the label cache: records, bad samples counted not fatal, and resume after an interruption."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from sdrpn.data import read_samples
+from sdrpn.errors import SdrpnError
+from sdrpn.labeling import LabelCache, LabelSettings, generate_labels, layer_heads_from_text, make_labels
+from sdrpn.labels import assign_labels, remove_sinks
+
+SETTINGS = LabelSettings(max_new_tokens=3)
+
+
+def test_records_hold_answer_maps_and_labels(adapter, image_folder):
+    samples = read_samples(image_folder / "data.jsonl").samples[:3]
+    report = generate_labels(adapter, samples, image_folder / "labels", SETTINGS, batch_size=2, progress=False)
+    assert report.labelled == 3 and report.bad == []
+    records = list(LabelCache(image_folder / "labels").records())
+    assert [r["sample_id"] for r in records] == [s.sample_id for s in samples]
+    for record in records:
+        assert record["raw_map"].shape == (4, 4) and record["norms"].shape == (4, 4)
+        expected = assign_labels(remove_sinks(record["raw_map"], record["norms"]))
+        assert torch.equal(record["labels"].long(), expected)
+    settings = LabelCache(image_folder / "labels").settings()["settings"]
+    assert settings["label_heads"] == {"1": None, "2": None, "3": None}  # the middle-band default, recorded
+
+
+def test_bad_samples_are_counted_not_fatal(adapter, image_folder):
+    (image_folder / "3.png").write_text("not an image")
+    (image_folder / "5.png").unlink()
+    samples = read_samples(image_folder / "data.jsonl").samples  # 5.png is reported by the reader
+    assert len(samples) == 9
+    report = generate_labels(adapter, samples, image_folder / "labels", SETTINGS, batch_size=4, progress=False)
+    assert report.labelled == 8 and len(report.bad) == 1
+    assert "3.png" in report.bad[0] and "\n" not in report.bad[0]
+
+
+def test_resume_after_interruption_loses_nothing(adapter, image_folder, monkeypatch):
+    samples = read_samples(image_folder / "data.jsonl").samples
+    reference = generate_labels(
+        adapter, samples, image_folder / "reference", SETTINGS, batch_size=2, shard_size=2, progress=False
+    )
+    assert reference.labelled == 10
+    from sdrpn import labeling
+
+    original = labeling.teacher_attention
+    calls = {"n": 0}
+
+    def dying_teacher(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(labeling, "teacher_attention", dying_teacher)
+    with pytest.raises(KeyboardInterrupt):
+        generate_labels(adapter, samples, image_folder / "run", SETTINGS, batch_size=2, shard_size=2, progress=False)
+    monkeypatch.undo()
+    assert len(LabelCache(image_folder / "run").done_ids()) == 6
+    resumed = generate_labels(
+        adapter, samples, image_folder / "run", SETTINGS, batch_size=2, shard_size=2, progress=False
+    )
+    assert (resumed.skipped_done, resumed.labelled) == (6, 4)
+    done = list(LabelCache(image_folder / "run").records())
+    expected = {r["sample_id"]: r for r in LabelCache(image_folder / "reference").records()}
+    assert sorted(r["sample_id"] for r in done) == sorted(expected)  # no loss, no duplicates
+    for record in done:
+        assert torch.equal(record["labels"], expected[record["sample_id"]]["labels"])
+        assert record["answer"] == expected[record["sample_id"]]["answer"]
+    assert not list((image_folder / "run").glob(".*"))  # no temporary files left behind
+
+
+def test_other_settings_in_the_same_folder_refuse(adapter, image_folder):
+    samples = read_samples(image_folder / "data.jsonl").samples[:1]
+    generate_labels(adapter, samples, image_folder / "labels", SETTINGS, progress=False)
+    with pytest.raises(SdrpnError, match="other settings"):
+        generate_labels(
+            adapter, samples, image_folder / "labels", LabelSettings(max_new_tokens=3, fg=0.3), progress=False
+        )
+
+
+def test_sink_rules_and_layer_parsing():
+    raw = torch.full((1, 4, 4), 0.01)
+    raw[0, 0, 0], raw[0, 3, 3] = 1.0, 0.5  # a sink in the corner, the object in the other
+    sinks = torch.zeros(1, 4, 4)
+    sinks[0, 0, 0] = 0.5
+    by_attention = make_labels(raw, None, sinks, LabelSettings(sink_rule="attention"))
+    assert by_attention[0, 3, 3] == 1 and by_attention[0, 0, 0] == 0 and int((by_attention == 1).sum()) == 1
+    norms = torch.ones(1, 4, 4)
+    norms[0, 0, 0] = 50.0
+    assert torch.equal(make_labels(raw, norms, None, LabelSettings()), by_attention)
+    kept = make_labels(raw, None, None, LabelSettings(sink_rule="none"))
+    assert bool((kept == -1).all())  # with the sink as foreground the box spans the grid: dropped
+    assert layer_heads_from_text("14:24,13,26;15") == {14: [24, 13, 26], 15: None}
+    with pytest.raises(SdrpnError, match="cannot parse"):
+        layer_heads_from_text("x:1")
+    with pytest.raises(SdrpnError, match="sink_rule"):
+        LabelSettings(sink_rule="magic")
+    assert json.loads(json.dumps(LabelSettings(label_heads={3: [1]}).to_json()))["label_heads"] == {"3": [1]}

@@ -1,0 +1,170 @@
+"""Pins sdrpn.toyworld: a seeded fine-detail world whose mark is illegible at the model input but legible in a crop,
+and the shipped demo MLLM that reloads offline."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sdrpn.toyworld import world as W
+
+WEIGHTS = Path(W.__file__).parent / "weights" / "mllm"
+
+
+def _nearest(rgb, names) -> str:
+    pal = np.array([W.COLOURS[n] for n in names], np.float32)
+    return names[int(((pal - np.asarray(rgb, np.float32)) ** 2).sum(1).argmin())]
+
+
+def _region_reader(img: Image.Image, box, object_colour: str) -> str | None:
+    """A simple nearest-colour classifier: label every pixel of the region with its nearest colour among the
+    palette and a few grays/dark, and answer the most frequent palette colour that is not the object's."""
+    a = np.asarray(img, np.float32)
+    x0, y0, x1, y1 = (int(round(v)) for v in box)
+    reg = a[max(0, y0) : y1, max(0, x0) : x1].reshape(-1, 3)
+    names = list(W.COLOURS)
+    pal = np.array([W.COLOURS[n] for n in names] + [[30, 30, 30], [80, 80, 80], [130, 130, 130], [180, 180, 180]],
+                   np.float32)
+    lab = ((reg[:, None, :] - pal[None]) ** 2).sum(-1).argmin(1)
+    counts = np.bincount(lab, minlength=len(pal))[: len(names)].astype(float)
+    counts[names.index(object_colour)] = -1
+    return names[int(counts.argmax())] if counts.max() > 0 else None
+
+
+def _scaled(box, origin, scale):
+    return [(box[0] - origin[0]) * scale, (box[1] - origin[1]) * scale,
+            (box[2] - origin[0]) * scale, (box[3] - origin[1]) * scale]
+
+
+def test_same_seed_same_sample_and_different_seeds_differ():
+    a, b = W.render_sample(123), W.render_sample(123)
+    assert np.array_equal(np.asarray(a.image), np.asarray(b.image))
+    assert (a.question, a.answer, a.qtype, a.target_box, a.seed) == (b.question, b.answer, b.qtype, b.target_box, b.seed)
+    c = W.render_sample(124)
+    assert not np.array_equal(np.asarray(a.image), np.asarray(c.image))
+    xs, ys = W.make_samples(6, seed=7), W.make_samples(6, seed=7)
+    assert [(s.seed, s.question, s.answer) for s in xs] == [(s.seed, s.question, s.answer) for s in ys]
+    assert all(np.array_equal(np.asarray(x.image), np.asarray(y.image)) for x, y in zip(xs, ys))
+    assert [s.seed for s in W.make_samples(6, seed=8)] != [s.seed for s in xs]
+
+
+def test_sample_fields():
+    s = W.render_sample(5, "fine")
+    assert s.image.mode == "RGB" and s.image.size == (W.SCENE_SIZE, W.SCENE_SIZE)
+    assert s.qtype == "fine" and s.answer in W.MARK_COLOURS
+    x0, y0, x1, y1 = s.target_box
+    assert 0 <= x0 < x1 <= 512 and 0 <= y0 < y1 <= 512
+    assert W.OBJECT_SIZE[0] <= x1 - x0 <= W.OBJECT_SIZE[1]
+    small = W.render_sample(5, "fine", size=448)
+    assert small.image.size == (448, 448) and small.answer == s.answer
+
+
+def test_answers_match_pixels():
+    """The object's colour next to the box centre is the coarse answer; the mark's pixels are the fine answer."""
+    for seed in W.sample_seeds(60, seed=1):
+        s = W.render_sample(seed, "fine")
+        a = np.asarray(s.image, np.float32)
+        x0, y0, x1, y1 = s.target_box
+        cx, cy = (x0 + x1) // 2, (y0 + y1) // 2
+        body = np.median(a[cy + 4 : cy + 7, cx - 1 : cx + 2].reshape(-1, 3), axis=0)  # below the mark and its rim
+        assert _nearest(body, W.OBJECT_COLOURS) == s.attrs["colour"]
+        mx0, my0, mx1, my1 = s.attrs["mark_box"]
+        assert x0 < mx0 < mx1 < x1 and y0 < my0 < my1 < y1
+        mark = np.median(a[my0:my1, mx0:mx1].reshape(-1, 3), axis=0)
+        assert _nearest(mark, W.MARK_COLOURS) == s.answer != s.attrs["colour"]
+        coarse = W.ask(W.render_scene(seed), "coarse", np.random.default_rng(seed))
+        assert coarse[1] == s.attrs[{"colour": "colour", "shape": "shape", "where": "where"}[coarse[2]]]
+
+
+def test_to_input_matches_the_clip_processor_resize():
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    proc = CLIPImageProcessorPil(size={"height": 128, "width": 128}, crop_size={"height": 128, "width": 128},
+                                 do_center_crop=False)
+    s = W.render_sample(3)
+    ours = np.asarray(W.to_input(s.image), np.float32) / 255.0
+    ours = (ours - np.array(proc.image_mean)) / np.array(proc.image_std)
+    theirs = np.asarray(proc(images=s.image, return_tensors="np")["pixel_values"][0]).transpose(1, 2, 0)
+    assert np.abs(ours - theirs).max() < 1e-4
+
+
+def test_mark_illegible_at_input_resolution_but_legible_in_oracle_crop():
+    scene_hits, crop_hits, centre_hits = 0, 0, 0
+    samples = W.make_samples(200, seed=11, qtypes="fine")
+    k = W.INPUT_SIZE / W.SCENE_SIZE
+    for s in samples:
+        colour = s.attrs["colour"]
+        low = W.to_input(s.image)  # the whole scene as the model sees it
+        scene_hits += _region_reader(low, _scaled(s.target_box, (0, 0), k), colour) == s.answer
+        box = W.oracle_crop_box(s)
+        g = W.INPUT_SIZE / (box[2] - box[0])
+        crop = W.to_input(s.image, box)  # the oracle crop at the same input size
+        crop_hits += _region_reader(crop, _scaled(s.target_box, box[:2], g), colour) == s.answer
+        # An oracle reader that knows the mark's exact place and the object's colour reads the one input
+        # pixel under the mark: the mark only tints it.
+        mx0, my0, mx1, my1 = s.attrs["mark_box"]
+        px = np.asarray(low, np.float32)[int((my0 + my1) / 2 * k), int((mx0 + mx1) / 2 * k)]
+        centre_hits += _nearest(px, [c for c in W.MARK_COLOURS if c != colour]) == s.answer
+    n = len(samples)
+    chance = 1 / (len(W.MARK_COLOURS) - 1)
+    assert scene_hits / n <= chance + 0.1, scene_hits / n
+    assert crop_hits / n >= 0.98, crop_hits / n
+    assert centre_hits / n <= 0.7, centre_hits / n
+
+
+def test_oracle_crop_box_is_a_square_around_the_target_inside_the_image():
+    for s in W.make_samples(50, seed=2):
+        x0, y0, x1, y1 = W.oracle_crop_box(s, scale=2.0)
+        t = s.target_box
+        assert x1 - x0 == y1 - y0 and abs((x1 - x0) - 2 * (t[2] - t[0])) <= 1
+        assert 0 <= x0 and 0 <= y0 and x1 <= 512 and y1 <= 512
+        assert x0 <= t[0] and y0 <= t[1] and t[2] <= x1 and t[3] <= y1
+
+
+def test_question_types_answers_and_vocabulary():
+    samples = W.make_samples(600, seed=3)
+    counts = Counter(s.qtype for s in samples)
+    for q, w in W.QTYPE_WEIGHTS.items():
+        assert abs(counts[q] / len(samples) - w) < 0.06, counts
+    yes = [s.answer for s in samples if s.qtype == "yesno"]
+    assert 0.4 < yes.count("yes") / len(yes) < 0.6
+    assert set(yes) == {"yes", "no"}
+    subtypes = Counter(s.attrs["subtype"] for s in samples if s.qtype == "coarse")
+    assert set(subtypes) == {"colour", "shape", "where"}
+    vocab = set(W.WORDS) | {"?"}
+    for s in samples:
+        assert set(s.question.split()) <= vocab and set(s.answer.split()) <= vocab
+        if s.qtype == "yesno" and s.answer == "no":
+            assert s.attrs["shape"] not in s.question
+    assert {s.qtype for s in W.make_samples(9, seed=4, qtypes=["coarse", "yesno"])} == {"coarse", "yesno"}
+
+
+@pytest.mark.skipif(not (WEIGHTS / "config.json").exists(), reason="demo weights not trained yet")
+def test_shipped_demo_model_reloads_offline_and_answers_coarse_questions():
+    import torch
+    from transformers import LlavaForConditionalGeneration, LlavaProcessor
+
+    model = LlavaForConditionalGeneration.from_pretrained(WEIGHTS)
+    processor = LlavaProcessor.from_pretrained(WEIGHTS)
+    assert model.dtype == torch.float32
+    assert processor.num_additional_image_tokens == 1 and processor.patch_size == 16
+    meta = json.loads((WEIGHTS / "recipe.json").read_text())
+    assert meta["metrics"]["oracle/fine"] > meta["metrics"]["scene/fine"]
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what colour is the object ?"}]}]
+    prompt = processor.apply_chat_template(msgs, add_generation_prompt=True)
+    assert prompt == "USER: <image>\nwhat colour is the object ? ASSISTANT:"
+    samples = W.make_samples(16, seed=5, qtypes="coarse")
+    right = 0
+    for s in samples:
+        s_prompt = prompt.replace("what colour is the object ?", s.question)
+        inputs = processor(text=s_prompt, images=s.image, return_tensors="pt")
+        assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == 64
+        out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+        text = processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        right += text.strip() == s.answer
+    assert right >= 12, right

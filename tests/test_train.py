@@ -1,0 +1,99 @@
+"""Pins the self-distillation loss, that training reduces it, and resumable training checkpoints."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sdrpn.data import read_samples
+from sdrpn.images import load_image
+from sdrpn.labeling import LabelCache, LabelSettings
+from sdrpn.rpn import RegionProposalNetwork, load_rpn
+from sdrpn.train import TrainSettings, masked_bce, train_rpn
+from tests.conftest import QUESTIONS, random_images
+
+
+def test_masked_bce_ignores_unlabelled_tokens():
+    logits = torch.tensor([[2.0, -1.0, 5.0, 0.0]])
+    labels = torch.tensor([[1, 0, -1, -1]])
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(torch.tensor([2.0, -1.0]), torch.tensor([1.0, 0.0]))
+    torch.testing.assert_close(masked_bce(logits, labels), expected)
+    nothing = masked_bce(logits.requires_grad_(), torch.full((1, 4), -1))
+    assert nothing.item() == 0.0
+    nothing.backward()  # still differentiable: a batch of dropped samples is a no-op, not a crash
+
+
+def test_a_few_steps_reduce_the_loss_on_a_fixed_batch(adapter):
+    torch.manual_seed(0)
+    batch = adapter.prepare(random_images(4, seed=9), [[q] for q in QUESTIONS + QUESTIONS[:1]])
+    labels = torch.full((4, 16), -1)
+    labels[:, [0, 1, 4, 5]] = 1
+    labels[:, [10, 11, 14, 15]] = 0
+    rpn = RegionProposalNetwork(adapter, 2, 3)
+    optimizer = torch.optim.AdamW(rpn.parameters(), lr=1e-3, betas=(0.9, 0.98), weight_decay=0)
+    prefix = rpn.frozen_prefix(batch)
+    losses = []
+    for _ in range(15):
+        loss = masked_bce(rpn(batch, prefix)[0][:, 0], labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses
+    assert all(p.grad is None for p in adapter.model.parameters())  # the base model never trains
+
+
+def _planted_labels(image_folder, out):
+    """A label folder whose labels mark a fixed corner (random tiny models attend near-uniformly)."""
+    cache = LabelCache(out)
+    cache.start("tiny-llava", LabelSettings())
+    records = []
+    for sample in read_samples(image_folder / "data.jsonl").samples:
+        labels = torch.full((4, 4), -1, dtype=torch.int8)
+        labels[:2, :2] = 1
+        labels[3, :] = 0
+        raw = torch.rand(4, 4)
+        records.append(
+            {
+                "sample_id": sample.sample_id,
+                "image": str(sample.image_path),
+                "question": sample.question,
+                "answer": "",
+                "raw_map": raw,
+                "norms": None,
+                "sink_map": None,
+                "labels": labels,
+            }
+        )
+    cache.write_shard(records)
+    return out
+
+
+def test_train_writes_checkpoint_and_resumes(adapter, image_folder, tmp_path, monkeypatch):
+    labels = _planted_labels(image_folder, tmp_path / "labels")
+    settings = TrainSettings(frozen_layers=2, rpn_layers=3, batch_size=2, epochs=2, learning_rate=1e-3, save_every=3)
+    initial = RegionProposalNetwork(adapter, 2, 3)
+    full = train_rpn(adapter, labels, tmp_path / "full", settings, progress=False)
+    assert (tmp_path / "full" / "rpn_model.safetensors").is_file()
+    assert full.config.training["batches"] == 10
+    assert not torch.equal(initial.q_proj.weight, full.q_proj.weight)
+
+    calls = {"n": 0}
+
+    def interrupting_load(path):
+        calls["n"] += 1
+        if calls["n"] > 2 * 7:  # dies while loading batch 8, after the checkpoint at batch 6
+            raise KeyboardInterrupt
+        return load_image(path)
+
+    monkeypatch.setattr("sdrpn.train.load_image", interrupting_load)
+    with pytest.raises(KeyboardInterrupt):
+        train_rpn(adapter, labels, tmp_path / "split", settings, progress=False)
+    monkeypatch.undo()
+    state = torch.load(tmp_path / "split" / "last" / "train_state.pt", weights_only=False)
+    assert state["batch"] == 6
+    resumed = train_rpn(adapter, labels, tmp_path / "split", settings, progress=False, resume=True)
+    reloaded = load_rpn(tmp_path / "split", adapter)
+    assert reloaded.config.frozen_layers == 2
+    for (name, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=name)
