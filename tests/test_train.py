@@ -69,7 +69,7 @@ def _planted_labels(image_folder, out):
     return out
 
 
-def test_train_writes_checkpoint_and_resumes(adapter, image_folder, tmp_path, monkeypatch):
+def test_train_writes_checkpoint_and_resumes(adapter, image_folder, tmp_path):
     labels = _planted_labels(image_folder, tmp_path / "labels")
     settings = TrainSettings(frozen_layers=2, rpn_layers=3, batch_size=2, epochs=2, learning_rate=1e-3, save_every=3)
     initial = RegionProposalNetwork(adapter, 2, 3)
@@ -86,10 +86,8 @@ def test_train_writes_checkpoint_and_resumes(adapter, image_folder, tmp_path, mo
             raise KeyboardInterrupt
         return load_image(path)
 
-    monkeypatch.setattr("sdrpn.train.load_image", interrupting_load)
     with pytest.raises(KeyboardInterrupt):
-        train_rpn(adapter, labels, tmp_path / "split", settings, progress=False)
-    monkeypatch.undo()
+        train_rpn(adapter, labels, tmp_path / "split", settings, progress=False, open_image=interrupting_load)
     state = torch.load(tmp_path / "split" / "last" / "train_state.pt", weights_only=False)
     assert state["batch"] == 6
     resumed = train_rpn(adapter, labels, tmp_path / "split", settings, progress=False, resume=True)

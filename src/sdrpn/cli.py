@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from sdrpn.errors import SdrpnError
 
@@ -28,7 +29,7 @@ def _load_adapter(args):
 
 def _model_path(name: str) -> str:
     if name == "toy":
-        from sdrpn.toyworld.shipped import shipped_model_dir
+        from sdrpn.toyworld.pipeline import shipped_model_dir
 
         return str(shipped_model_dir())
     return name
@@ -86,6 +87,26 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--json", action="store_true", help="print the whole result as JSON")
 
     commands.add_parser("selftest", help="label, train and ask end to end on a tiny offline model (~1 min)")
+
+    demo = commands.add_parser("demo", help="the shipped tiny MLLM with and without SD-RPN on fresh toy scenes")
+    demo.add_argument("--train-rpn", action="store_true", help="redo the self-distillation from scratch first")
+    demo.add_argument("--scenes", type=int, default=4)
+    demo.add_argument("--eval-scenes", type=int, default=100)
+    demo.add_argument("--seed", type=int, default=None)
+    demo.add_argument("--label-samples", type=int, default=2000)
+    demo.add_argument("--out", default="sdrpn-demo", help="folder for overlays (and the retrained RPN)")
+
+    bench = commands.add_parser("bench", help="benchmarks")
+    bench.add_argument("suite", choices=("toy",), help="toy: the synthetic fine-detail world")
+    bench.add_argument("--seed", type=int, default=7)
+    bench.add_argument("--n", type=int, default=300)
+    bench.add_argument("--json", default=None, help="write the results here")
+    bench.add_argument("--work", default="sdrpn-bench", help="resumable work folder")
+    bench.add_argument("--rpn", default=None, help="RPN to benchmark (default: the shipped one)")
+    bench.add_argument("--label-samples", type=int, default=2000)
+    bench.add_argument("--sweep", default="250,1000", help="data sizes for the sweep ('' to skip)")
+    bench.add_argument("--no-ablations", action="store_true")
+    bench.add_argument("--timing-samples", type=int, default=40)
     return parser
 
 
@@ -171,7 +192,36 @@ def cmd_selftest(args) -> int:
     return run_selftest()
 
 
-COMMANDS = {"label": cmd_label, "train": cmd_train, "ask": cmd_ask, "selftest": cmd_selftest}
+def cmd_demo(args) -> int:
+    from sdrpn.toyworld.demo import run_demo
+
+    run_demo(out_dir=args.out, scenes=args.scenes, eval_scenes=args.eval_scenes, seed=args.seed,
+             train_rpn=args.train_rpn, label_samples=args.label_samples)
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from sdrpn.toyworld.bench import format_table, run_toy_bench
+
+    sweep = tuple(int(size) for size in args.sweep.split(",") if size.strip())
+    result = run_toy_bench(seed=args.seed, n=args.n, work_dir=args.work, rpn=args.rpn,
+                           label_samples=args.label_samples, sweep=sweep, ablations=not args.no_ablations,
+                           timing_samples=args.timing_samples)
+    print(format_table(result))
+    print(f"SD-RPN RoI stage / ViCrop RoI stage: {result['roi_stage_cost_sdrpn_over_vicrop']}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+COMMANDS = {
+    "label": cmd_label,
+    "train": cmd_train,
+    "ask": cmd_ask,
+    "selftest": cmd_selftest,
+    "demo": cmd_demo,
+    "bench": cmd_bench,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -47,18 +47,24 @@ class InferSettings:
     vicrop_layer: int | None = None  # None: the adapter's first default label layer
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise SdrpnError(f"method must be one of {METHODS}, got {self.method!r}")
-        if self.upscale not in UPSCALES:
-            raise SdrpnError(f"upscale must be one of {UPSCALES}, got {self.upscale!r}")
+        _check_choice(self.method, self.upscale)
+
+
+def _check_choice(method: str, upscale: str) -> None:
+    """Reject an unknown method/upscale, also when given per call (else they would silently fall through
+    to vicrop / masked upscaling)."""
+    if method not in METHODS:
+        raise SdrpnError(f"method must be one of {METHODS}, got {method!r}")
+    if upscale not in UPSCALES:
+        raise SdrpnError(f"upscale must be one of {UPSCALES}, got {upscale!r}")
 
 
 @dataclass
 class RoiPrediction:
     """Where to look, for one image: the probability map on the token grid and boxes in pixels."""
 
-    probability: np.ndarray  # (H, W), in [0, 1]
-    regions: RoiRegions
+    probability: np.ndarray | None  # (H, W), in [0, 1]; None for given boxes
+    regions: RoiRegions | None
     boxes: list[PixelBox]  # one per region (box upscaling), original-image pixels
     union_box: PixelBox | None  # the masked-upscaling crop
     geometry: Geometry
@@ -139,6 +145,9 @@ class Zoom:
     def predict_roi(self, images, questions, method: str | None = None) -> list[RoiPrediction]:
         """Boxes and maps without generating (to put in front of another serving stack)."""
         method = method or self.settings.method
+        _check_choice(method, self.settings.upscale)
+        if method == "sdrpn" and self.rpn is None:
+            raise SdrpnError("method 'sdrpn' needs an RPN checkpoint")
         batch = self._prepare(images, questions)
         maps = self.roi_maps(batch, method)
         if maps is None:
@@ -163,6 +172,7 @@ class Zoom:
         """Answer a batch; every sample's answer equals what it gets alone (left padding, real positions)."""
         method = method or self.settings.method
         upscale = upscale or self.settings.upscale
+        _check_choice(method, upscale)
         if method == "sdrpn" and self.rpn is None:
             raise SdrpnError("method 'sdrpn' needs an RPN checkpoint")
         started = time.perf_counter()
@@ -172,6 +182,20 @@ class Zoom:
         roi_done = time.perf_counter()
         if method == "vicrop":  # ViCrop feeds its one crop whole, as a second image
             upscale = "box"
+        return self._answer(batch, predictions, method, upscale, started, roi_done)
+
+    def ask_with_boxes(self, images, questions, boxes: list[list[PixelBox]]) -> list[ZoomResult]:
+        """Answer with crops of given pixel boxes (one crop each, e.g. from an external detector)."""
+        started = time.perf_counter()
+        batch = self._prepare(images, questions)
+        predictions = [
+            RoiPrediction(probability=None, regions=None, boxes=list(b), union_box=None, geometry=g)
+            for b, g in zip(boxes, batch.geometries)
+        ]
+        return self._answer(batch, predictions, "given-boxes", "box", started, started)
+
+    def _answer(self, batch, predictions, method: str, upscale: str, started: float, roi_done: float):
+        """Stage 2: crop tokens after the image tokens, decode; per-stage timings."""
         extra = [
             self.crop_tokens(image, p, upscale) if p is not None and p.boxes else None
             for image, p in zip(batch.images, predictions)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -167,8 +167,11 @@ def generate_labels(
     batch_size: int = 4,
     shard_size: int = 256,
     progress: bool = True,
+    open_image: Callable = load_image,
 ) -> LabelReport:
-    """Label `samples` into `out_dir`; resumable, and bad samples are counted, not fatal."""
+    """Label `samples` into `out_dir`; resumable, and bad samples are counted, not fatal.
+
+    `open_image(sample.image_path)` gives the RGB image; replace it for images that are not files."""
     settings = (settings or LabelSettings()).resolved(adapter)
     cache = LabelCache(out_dir)
     cache.start(adapter.name_or_path, settings)
@@ -181,7 +184,7 @@ def generate_labels(
         chunk, images = [], []
         for sample in todo[start : start + batch_size]:
             try:
-                images.append(load_image(sample.image_path))
+                images.append(open_image(sample.image_path))
                 chunk.append(sample)
             except SdrpnError as error:
                 report.bad.append(f"{sample.sample_id}: {error}")

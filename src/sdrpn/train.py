@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import random
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 from sdrpn.errors import SdrpnError
 from sdrpn.images import load_image
-from sdrpn.labeling import LabelCache, LabelSettings, denoise, make_labels
+from sdrpn.labeling import LabelCache, LabelSettings, make_labels
 from sdrpn.models.base import FamilyAdapter
 from sdrpn.rpn import RegionProposalNetwork, load_rpn
 
@@ -71,12 +72,13 @@ def masked_mse(logits: torch.Tensor, raw: torch.Tensor) -> torch.Tensor:
 
 
 def training_targets(records: list[dict], settings: LabelSettings, target: str) -> torch.Tensor:
-    """Per-record targets (B, N_v): labels (re-derived if the target asks for another rule) or raw maps."""
+    """Per-record targets (B, N_v): the cached labels, labels re-derived without sink removal, or the raw
+    maps themselves (the paper's ablation ladder: raw MSE -> + label assignment -> + sink removal)."""
     if target == "labels":
         return torch.stack([r["labels"].long().flatten() for r in records])
     raw = torch.stack([r["raw_map"] for r in records])
     if target == "raw-mse":
-        return torch.stack([denoise(r["raw_map"], r["norms"], r["sink_map"], settings).flatten() for r in records])
+        return raw.flatten(1)
     no_sinks = LabelSettings(**{**asdict(settings), "sink_rule": "none"})
     return make_labels(raw, None, None, no_sinks).flatten(1).long()
 
@@ -102,8 +104,11 @@ def train_rpn(
     resume: bool = False,
     progress: bool = True,
     max_steps: int | None = None,
+    open_image: Callable = load_image,
 ) -> RegionProposalNetwork:
-    """Train an RPN for `adapter` on the labels in `label_dir`; checkpoints go to `out_dir`."""
+    """Train an RPN for `adapter` on the labels in `label_dir`; checkpoints go to `out_dir`.
+
+    `open_image(record["image"])` gives the RGB image, as in labelling."""
     settings = settings or TrainSettings()
     records, label_settings, _ = load_records(label_dir, settings.max_samples, settings.seed)
     out_dir = Path(out_dir)
@@ -151,7 +156,7 @@ def train_rpn(
     for batch_index in range(start, total_batches):
         begin = (batch_index * settings.batch_size) % len(order)
         chosen = [records[order[(begin + j) % len(order)]] for j in range(settings.batch_size)]
-        images = [load_image(r["image"]) for r in chosen]
+        images = [open_image(r["image"]) for r in chosen]
         batch = adapter.prepare(images, [[r["question"]] for r in chosen])
         targets = training_targets(chosen, label_settings, settings.target).to(accelerator.device)
         with accelerator.accumulate(rpn):

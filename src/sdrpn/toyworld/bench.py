@@ -1,0 +1,128 @@
+"""`sdrpn bench toy`: every method, the ablation ladder and a data-size sweep on fresh toy scenes.
+
+Each finished part is written atomically to the work folder and reused when the same command runs
+again, so an interrupted benchmark resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, replace
+from pathlib import Path
+
+from sdrpn.rpn import load_rpn
+from sdrpn.toyworld import pipeline, world
+from sdrpn.train import train_rpn
+
+LADDER = {  # the paper's ablation order (Table 4a): what each RPN is trained on
+    "rpn_raw_mse": "raw-mse",
+    "rpn_label_assignment": "labels-no-sinks",
+    "rpn_label_assignment_sink_removal": "labels",
+}
+
+
+def _write_json(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(handle, "w") as file:
+        json.dump(payload, file, indent=2, sort_keys=True)
+    os.replace(temporary, path)
+
+
+def _cached(path: Path, compute) -> dict:
+    if path.is_file():
+        return json.loads(path.read_text())
+    payload = compute()
+    _write_json(path, payload)
+    return payload
+
+
+def _accuracy(zoom, samples, runner) -> dict:
+    runs = pipeline.run_methods(zoom, samples, {"m": runner}, timing_samples=0, progress=False)
+    return pipeline.accuracy_by_type(samples, runs["m"].answers)
+
+
+def _train(adapter, label_dir: Path, out: Path, **overrides):
+    if (out / "rpn_config.json").is_file():
+        return load_rpn(out, adapter)
+    settings = replace(pipeline.TOY_TRAIN, **overrides)
+    return train_rpn(adapter, label_dir, out, settings, open_image=pipeline.open_toy_image)
+
+
+def run_toy_bench(
+    *,
+    seed: int = 7,
+    n: int = 300,
+    work_dir: str | Path = "sdrpn-bench",
+    rpn: str | Path | None = None,
+    label_samples: int = 2000,
+    sweep: tuple[int, ...] = (250, 1000),
+    ablations: bool = True,
+    timing_samples: int = 40,
+) -> dict:
+    work = Path(work_dir)
+    adapter, network = pipeline.load_toy(rpn)
+    zoom = pipeline.make_zoom(adapter, network)
+    samples = world.make_samples(n, seed)
+    tag = f"seed{seed}-n{n}"
+
+    def main_methods() -> dict:
+        runs = pipeline.run_methods(zoom, samples, pipeline.method_runners(), timing_samples=timing_samples)
+        return pipeline.summarise(samples, runs)
+
+    methods = _cached(work / f"methods-{tag}.json", main_methods)
+    result = {
+        "seed": seed,
+        "n": n,
+        "question_types": {q: sum(s.qtype == q for s in samples) for q in world.QTYPES},
+        "methods": methods,
+        "roi_stage_cost_sdrpn_over_vicrop": _ratio(methods, "sdrpn_mask", "vicrop"),
+        "roi_settings": asdict(pipeline.TOY_ROI),
+    }
+    if ablations or sweep:
+        label_dir = work / "labels"
+        pipeline.generate_labels(
+            adapter, pipeline.as_samples(world.make_samples(label_samples, pipeline.TOY_LABEL_SEED)), label_dir,
+            pipeline.TOY_LABELS, batch_size=32, open_image=pipeline.open_toy_image,
+        )
+        sdrpn_runner = pipeline.method_runners()["sdrpn_mask"]
+
+        def _accuracy_of(trained) -> dict:
+            return _accuracy(pipeline.make_zoom(adapter, trained), samples, sdrpn_runner)
+    if ablations:
+        ladder = {"raw_attention": methods["raw_attention"]["accuracy"]}
+        for name, target in LADDER.items():
+            trained = _train(adapter, label_dir, work / name, target=target)
+            ladder[name] = _cached(work / f"{name}-{tag}.json", lambda rpn=trained: _accuracy_of(rpn))
+        result["ablation_ladder"] = ladder
+    if sweep:
+        sizes = {}
+        for size in sorted({*sweep, label_samples}):
+            full = size >= label_samples  # the full-data RPN is the ladder's last rung: train it once
+            folder = work / ("rpn_label_assignment_sink_removal" if full else f"rpn_{size}")
+            trained = _train(adapter, label_dir, folder, max_samples=None if full else size)
+            sizes[str(size)] = _cached(work / f"sweep{size}-{tag}.json", lambda rpn=trained: _accuracy_of(rpn))
+        result["data_size_sweep"] = sizes
+    return result
+
+
+def _ratio(methods: dict, numerator: str, denominator: str) -> float | None:
+    top, bottom = methods[numerator]["median_roi_stage_s"], methods[denominator]["median_roi_stage_s"]
+    return None if not top or not bottom else round(top / bottom, 3)
+
+
+def format_table(result: dict) -> str:
+    """A markdown table of accuracy per question type and relative throughput."""
+    qtypes = ["fine", "coarse", "yesno", "overall"]
+    lines = ["| method | " + " | ".join(qtypes) + " | relative throughput |", "|---" * (len(qtypes) + 2) + "|"]
+    for name, row in result["methods"].items():
+        cells = [f"{100 * row['accuracy'].get(q, float('nan')):.1f}" for q in qtypes]
+        throughput = row["relative_throughput"]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {throughput if throughput else '-'} |")
+    for section in ("ablation_ladder", "data_size_sweep"):
+        for name, accuracy in result.get(section, {}).items():
+            cells = [f"{100 * accuracy.get(q, float('nan')):.1f}" for q in qtypes]
+            lines.append(f"| {section}: {name} | " + " | ".join(cells) + " | - |")
+    return "\n".join(lines)

@@ -1,0 +1,144 @@
+"""Pins `sdrpn ask`: every method answers as JSON and writes an image-sized PNG overlay; bad input exits 2."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sdrpn.cli import main
+from sdrpn.models import load_model
+from sdrpn.rpn import RegionProposalNetwork
+from tests.conftest import random_images
+
+QUESTION = "what colour is the object ?"
+IMAGE_SIZE = (90, 60)  # not square: the overlay must undo LLaVA's pad-to-square
+
+
+@pytest.fixture(scope="module")
+def rpn_dir(model_dir, tmp_path_factory):
+    """A fresh RPN bound to the saved tiny model (its fingerprint and weights digest), q scaled up so
+    that its random map is peaked enough for a mid threshold to keep part of it."""
+    adapter = load_model(str(model_dir))
+    torch.manual_seed(0)
+    rpn = RegionProposalNetwork(adapter, 2, 3)
+    with torch.no_grad():
+        rpn.q_proj.weight.mul_(100.0)
+    return rpn.save(tmp_path_factory.mktemp("rpn"))
+
+
+@pytest.fixture(scope="module")
+def image_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ask") / "photo.png"
+    random_images(1, seed=8, size=IMAGE_SIZE)[0].save(path)
+    return path
+
+
+def _ask(model_dir, image, *extra: str) -> list[str]:
+    return ["ask", "--model", str(model_dir), "--image", str(image), "--question", QUESTION,
+            "--max-new-tokens", "4", *extra]
+
+
+# tau 0.74 keeps two tokens of this RPN's smoothed map for this image (grown to a 3 x 3 box), not all of it.
+@pytest.mark.parametrize("method", ["sdrpn", "base", "raw-attention", "vicrop"])
+def test_ask_json_and_overlay(model_dir, rpn_dir, image_path, tmp_path, capsys, method):
+    overlay = tmp_path / "out" / f"{method}.png"
+    argv = _ask(model_dir, image_path, "--rpn", str(rpn_dir), "--method", method, "--tau", "0.74",
+                "--save-overlay", str(overlay), "--json")
+    assert main(argv) == 0
+    out, err = capsys.readouterr()
+    result = json.loads(out)
+    assert {"answer", "method", "boxes", "roi_map", "timings", "extra_tokens", "overlay"} <= set(result)
+    assert result["method"] == method
+    assert isinstance(result["answer"], str)
+    assert result["overlay"] == str(overlay)
+    assert set(result["timings"]) == {"roi", "encode_crops", "generate", "total"}
+    assert all(v >= 0 for v in result["timings"].values())
+    width, height = IMAGE_SIZE
+    for x0, y0, x1, y1 in result["boxes"]:
+        assert 0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height
+    if method == "base":
+        assert result["roi_map"] is None and result["boxes"] == [] and result["extra_tokens"] == 0
+    else:
+        roi_map = np.array(result["roi_map"])
+        assert roi_map.shape == (4, 4) and np.all((roi_map >= 0) & (roi_map <= 1))
+    if method in ("sdrpn", "vicrop"):
+        assert result["boxes"], f"{method} proposed no box: the overlay's box drawing is not exercised"
+        assert result["extra_tokens"] > 0
+
+    original = Image.open(image_path).convert("RGB")
+    with Image.open(overlay) as picture:
+        assert picture.format == "PNG"
+        assert picture.size == original.size
+        drawn = np.asarray(picture.convert("RGB"))
+    if method == "base":  # no map, no boxes: the overlay is the image itself
+        assert np.array_equal(drawn, np.asarray(original))
+    else:
+        assert not np.array_equal(drawn, np.asarray(original))
+    for x0, y0, x1, y1 in result["boxes"]:
+        assert tuple(drawn[y0, x0]) == (0, 255, 0)
+        assert tuple(drawn[y1 - 1, x1 - 1]) == (0, 255, 0)
+
+
+def test_ask_plain_output(model_dir, image_path, capsys):
+    assert main(_ask(model_dir, image_path)) == 0  # no RPN: the base model
+    out, err = capsys.readouterr()
+    assert len(out.strip().splitlines()) <= 1
+    assert "method base" in err and "extra visual tokens 0" in err
+
+
+def _one_line_error(capsys, *expected: str) -> str:
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("sdrpn ask: error: ")
+    for text in expected:
+        assert text in lines[0]
+    return lines[0]
+
+
+def test_missing_image_exits_2(model_dir, tmp_path, capsys):
+    assert main(_ask(model_dir, tmp_path / "nope.png")) == 2
+    _one_line_error(capsys, "nope.png", "file not found")
+
+
+def test_non_image_file_exits_2(model_dir, tmp_path, capsys):
+    path = tmp_path / "notes.jpg"
+    path.write_text("hello, I am text\nwith two lines\n")
+    assert main(_ask(model_dir, path)) == 2
+    _one_line_error(capsys, "notes.jpg", "not an image")
+
+
+def test_corrupt_image_exits_2(model_dir, image_path, tmp_path, capsys):
+    data = image_path.read_bytes()
+    path = tmp_path / "truncated.png"
+    path.write_bytes(data[: len(data) // 2])
+    assert main(_ask(model_dir, path)) == 2
+    _one_line_error(capsys, "truncated.png")
+
+
+def test_directory_as_image_exits_2(model_dir, tmp_path, capsys):
+    assert main(_ask(model_dir, tmp_path)) == 2
+    _one_line_error(capsys, "directory")
+
+
+def test_tau_out_of_range_exits_2(model_dir, rpn_dir, image_path, tmp_path, capsys):
+    overlay = tmp_path / "never.png"
+    assert main(_ask(model_dir, image_path, "--rpn", str(rpn_dir), "--tau", "1.5", "--save-overlay", str(overlay))) == 2
+    _one_line_error(capsys, "tau", "1.5")
+    assert not overlay.exists()
+
+
+def test_sdrpn_without_rpn_exits_2(model_dir, image_path, capsys):
+    assert main(_ask(model_dir, image_path, "--method", "sdrpn")) == 2
+    _one_line_error(capsys, "--rpn")
+
+
+def test_bad_rpn_folder_exits_2(model_dir, image_path, tmp_path, capsys):
+    assert main(_ask(model_dir, image_path, "--rpn", str(tmp_path))) == 2
+    _one_line_error(capsys, "not an RPN checkpoint")
