@@ -33,7 +33,7 @@ def rpn_dir(model_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def image_path(tmp_path_factory):
     path = tmp_path_factory.mktemp("ask") / "photo.png"
-    random_images(1, seed=8, size=IMAGE_SIZE)[0].save(path)
+    random_images(1, seed=19, size=IMAGE_SIZE)[0].save(path)
     return path
 
 
@@ -42,11 +42,11 @@ def _ask(model_dir, image, *extra: str) -> list[str]:
             "--max-new-tokens", "4", *extra]
 
 
-# tau 0.74 keeps two tokens of this RPN's smoothed map for this image (grown to a 3 x 3 box), not all of it.
+# For this image (seed 19) and RPN, tau 0.69 keeps one 2 x 2 block of the smoothed map (margin 0.03).
 @pytest.mark.parametrize("method", ["sdrpn", "base", "raw-attention", "vicrop"])
 def test_ask_json_and_overlay(model_dir, rpn_dir, image_path, tmp_path, capsys, method):
     overlay = tmp_path / "out" / f"{method}.png"
-    argv = _ask(model_dir, image_path, "--rpn", str(rpn_dir), "--method", method, "--tau", "0.74",
+    argv = _ask(model_dir, image_path, "--rpn", str(rpn_dir), "--method", method, "--tau", "0.69",
                 "--save-overlay", str(overlay), "--json")
     assert main(argv) == 0
     out, err = capsys.readouterr()

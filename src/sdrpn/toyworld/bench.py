@@ -27,7 +27,7 @@ def _write_json(path: Path, payload: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     with os.fdopen(handle, "w") as file:
-        json.dump(payload, file, indent=2, sort_keys=True)
+        json.dump(payload, file, indent=2)
     os.replace(temporary, path)
 
 

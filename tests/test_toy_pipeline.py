@@ -1,0 +1,68 @@
+"""Smoke-runs `sdrpn demo` (incl. --train-rpn) and `sdrpn bench toy` end to end on a small random toy model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sdrpn.cli import main
+from sdrpn.models import load_model
+from sdrpn.models.tiny import TinyLlavaSpec, build_tiny_llava
+from sdrpn.rpn import RegionProposalNetwork
+from sdrpn.toyworld import pipeline, world
+
+
+@pytest.fixture()
+def shipped(tmp_path, monkeypatch):
+    """A random tiny LLaVA speaking the toy world's words, and an RPN for it, posing as the shipped pair."""
+    model, processor = build_tiny_llava(
+        TinyLlavaSpec(image_size=128, words=world.WORDS, text_layers=4, vision_hidden=32, text_hidden=32), seed=3
+    )
+    model.save_pretrained(tmp_path / "mllm")
+    processor.save_pretrained(tmp_path / "mllm")
+    RegionProposalNetwork(load_model(str(tmp_path / "mllm")), 1, 2).save(tmp_path / "rpn")
+    monkeypatch.setattr(pipeline, "shipped_dir", lambda name: tmp_path / name)
+    return tmp_path
+
+
+def test_toy_images_round_trip_through_references():
+    sample = world.render_sample(11, "fine")
+    reference = pipeline.toy_reference(sample)
+    assert pipeline.open_toy_image(reference).tobytes() == sample.image.tobytes()
+
+
+def test_demo_runs_and_writes_overlays(shipped, tmp_path, capsys):
+    assert main(["demo", "--scenes", "2", "--eval-scenes", "6", "--seed", "5", "--out", str(tmp_path / "demo")]) == 0
+    out = capsys.readouterr().out
+    assert out.count("Q: ") == 2 and "| sdrpn_mask |" in out and "| oracle_crop |" in out
+    assert (tmp_path / "demo" / "scene-0.png").is_file() and (tmp_path / "demo" / "scene-1.png").is_file()
+
+
+def test_demo_train_rpn_redoes_self_distillation(shipped, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(pipeline, "TOY_LABELS", pipeline.LabelSettings(max_new_tokens=2, fg=0.9, bg=0.85))
+    code = main(["demo", "--train-rpn", "--label-samples", "16", "--scenes", "1", "--eval-scenes", "4", "--seed",
+                 "5", "--out", str(tmp_path / "demo")])
+    assert code == 0
+    assert (tmp_path / "demo" / "self-distillation" / "rpn" / "rpn_config.json").is_file()
+    assert "self-distillation done" in capsys.readouterr().out
+
+
+def test_bench_toy_json_and_resume(shipped, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(pipeline, "TOY_LABELS", pipeline.LabelSettings(max_new_tokens=2, fg=0.9, bg=0.85))
+    argv = ["bench", "toy", "--n", "6", "--seed", "3", "--work", str(tmp_path / "work"), "--label-samples", "12",
+            "--sweep", "6", "--timing-samples", "2", "--json", str(tmp_path / "bench.json")]
+    assert main(argv) == 0
+    result = json.loads((tmp_path / "bench.json").read_text())
+    expected = {"base", "full_resolution", "oracle_crop", "raw_attention", "vicrop", "sdrpn_box", "sdrpn_mask"}
+    assert set(result["methods"]) == expected
+    for row in result["methods"].values():
+        assert set(row["accuracy"]) <= {"fine", "coarse", "yesno", "overall"} and "overall" in row["accuracy"]
+        assert row["relative_throughput"] > 0
+    assert result["methods"]["base"]["relative_throughput"] == 1.0
+    assert set(result["ablation_ladder"]) == {"raw_attention", "rpn_raw_mse", "rpn_label_assignment",
+                                              "rpn_label_assignment_sink_removal"}
+    assert set(result["data_size_sweep"]) == {"6", "12"}
+    first = capsys.readouterr().out
+    assert main(argv) == 0  # everything cached: same table again
+    assert capsys.readouterr().out.split("SD-RPN RoI stage")[0] == first.split("SD-RPN RoI stage")[0]
