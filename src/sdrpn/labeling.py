@@ -9,8 +9,6 @@ decoding again.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,6 +19,7 @@ from tqdm.auto import tqdm
 from sdrpn.attention import LayerHeads, teacher_attention
 from sdrpn.data import Sample
 from sdrpn.errors import SdrpnError
+from sdrpn.files import atomic_write, atomic_write_json
 from sdrpn.images import load_image
 from sdrpn.labels import assign_labels, remove_sinks, remove_sinks_by_attention
 from sdrpn.models.base import FamilyAdapter
@@ -125,24 +124,13 @@ class LabelCache:
             if existing != meta:
                 raise SdrpnError(f"'{self.directory}' holds labels made with other settings or model; use a new --out")
             return
-        _atomic_write(path, lambda f: f.write(json.dumps(meta, indent=2, sort_keys=True).encode()))
+        atomic_write_json(path, meta)
 
     def write_shard(self, records: list[dict]) -> Path:
         index = len(self.shards())
         path = self.directory / f"shard-{index:05d}.pt"
-        _atomic_write(path, lambda f: torch.save(records, f))
+        atomic_write(path, lambda file: torch.save(records, file))
         return path
-
-
-def _atomic_write(path: Path, write) -> None:
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            write(file)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
 
 
 def _record(sample: Sample, index: int, output, labels: torch.Tensor) -> dict:

@@ -14,16 +14,15 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 
 from sdrpn.errors import SdrpnError
+from sdrpn.files import atomic_write, atomic_write_json
 from sdrpn.models.base import FamilyAdapter, PromptBatch
 
 CONFIG_NAME = "rpn_config.json"
@@ -119,21 +118,9 @@ class RegionProposalNetwork(nn.Module):
         directory.mkdir(parents=True, exist_ok=True)
         self.config.training.update(extra_training)
         state = {name: tensor.detach().contiguous().cpu() for name, tensor in self.state_dict().items()}
-        _atomic(directory / WEIGHTS_NAME, lambda path: save_file(state, path, metadata={"format": "pt"}))
-        text = json.dumps(asdict(self.config), indent=2, sort_keys=True)
-        _atomic(directory / CONFIG_NAME, lambda path: Path(path).write_text(text))
+        atomic_write(directory / WEIGHTS_NAME, lambda file: file.write(save(state, metadata={"format": "pt"})))
+        atomic_write_json(directory / CONFIG_NAME, asdict(self.config))
         return directory
-
-
-def _atomic(target: Path, write) -> None:
-    handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
-    os.close(handle)
-    try:
-        write(temporary)
-        os.replace(temporary, target)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
 
 
 def read_rpn_config(directory: str | Path) -> RpnConfig:

@@ -10,7 +10,6 @@ labelled tokens only (0 when a sample has none). AdamW (0.9, 0.98), no weight de
 
 from __future__ import annotations
 
-import json
 import math
 import random
 from collections.abc import Callable
@@ -24,6 +23,7 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from sdrpn.errors import SdrpnError
+from sdrpn.files import atomic_write, atomic_write_json
 from sdrpn.images import load_image
 from sdrpn.labeling import LabelCache, LabelSettings, make_labels
 from sdrpn.models.base import FamilyAdapter
@@ -196,7 +196,5 @@ def _save(accelerator, rpn, optimizer, scheduler, directory: Path, batch: int, s
         return
     accelerator.unwrap_model(rpn).save(directory)
     state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "batch": batch}
-    temporary = directory / f".{STATE_NAME}.tmp"
-    torch.save(state, temporary)
-    temporary.replace(directory / STATE_NAME)
-    (directory / "progress.json").write_text(json.dumps({"batch": batch, "settings": asdict(settings)}, indent=2))
+    atomic_write(directory / STATE_NAME, lambda file: torch.save(state, file))
+    atomic_write_json(directory / "progress.json", {"batch": batch, "settings": asdict(settings)})

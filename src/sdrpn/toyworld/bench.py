@@ -7,11 +7,10 @@ again, so an interrupted benchmark resumes where it stopped.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict, replace
 from pathlib import Path
 
+from sdrpn.files import atomic_write_json
 from sdrpn.rpn import load_rpn
 from sdrpn.toyworld import pipeline, world
 from sdrpn.train import train_rpn
@@ -23,19 +22,11 @@ LADDER = {  # the paper's ablation order (Table 4a): what each RPN is trained on
 }
 
 
-def _write_json(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(handle, "w") as file:
-        json.dump(payload, file, indent=2)
-    os.replace(temporary, path)
-
-
 def _cached(path: Path, compute) -> dict:
     if path.is_file():
         return json.loads(path.read_text())
     payload = compute()
-    _write_json(path, payload)
+    atomic_write_json(path, payload)
     return payload
 
 
