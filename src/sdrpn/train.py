@@ -133,13 +133,14 @@ def train_rpn(
         betas=(0.9, 0.98),
         weight_decay=settings.weight_decay,
     )
-    steps_per_epoch = math.ceil(len(records) / settings.batch_size)
+    processes = accelerator.num_processes  # each process takes its own slice of every global batch
+    steps_per_epoch = math.ceil(len(records) / (settings.batch_size * processes))
     total_batches = max(1, int(steps_per_epoch * settings.epochs))
     if max_steps is not None:
         total_batches = min(total_batches, max_steps * settings.grad_accumulation)
     total_updates = math.ceil(total_batches / settings.grad_accumulation)
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(settings.warmup_ratio * total_updates), total_updates)
-    rpn, optimizer, scheduler = accelerator.prepare(rpn, optimizer, scheduler)
+    rpn, optimizer = accelerator.prepare(rpn, optimizer)  # the schedule counts updates itself (below)
     adapter.model.to(accelerator.device)
 
     start = 0
@@ -152,9 +153,10 @@ def train_rpn(
         i for epoch in range(math.ceil(settings.epochs)) for i in _epoch_order(len(records), settings.seed + epoch)
     ]
     loss_fn = masked_mse if settings.target == "raw-mse" else masked_bce
+    progress = progress and accelerator.is_main_process
     bar = tqdm(total=total_batches, initial=start, desc="train rpn", unit="batch", disable=not progress)
     for batch_index in range(start, total_batches):
-        begin = (batch_index * settings.batch_size) % len(order)
+        begin = ((batch_index * processes + accelerator.process_index) * settings.batch_size) % len(order)
         chosen = [records[order[(begin + j) % len(order)]] for j in range(settings.batch_size)]
         images = [open_image(r["image"]) for r in chosen]
         batch = adapter.prepare(images, [[r["question"]] for r in chosen])
@@ -166,7 +168,8 @@ def train_rpn(
             if accelerator.sync_gradients:
                 accelerator.clip_grad_norm_(rpn.parameters(), settings.max_grad_norm)
             optimizer.step()
-            scheduler.step()
+            if accelerator.sync_gradients:
+                scheduler.step()
             optimizer.zero_grad()
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}")
@@ -176,7 +179,8 @@ def train_rpn(
     bar.close()
     _save(accelerator, rpn, optimizer, scheduler, out_dir / "last", total_batches, settings)
     final = accelerator.unwrap_model(rpn)
-    final.save(out_dir, **_training_record(settings, len(records), total_batches))
+    if accelerator.is_main_process:
+        final.save(out_dir, **_training_record(settings, len(records), total_batches))
     return final.eval()
 
 

@@ -527,7 +527,8 @@ def train(args: RecipeArgs, out: Path, log) -> dict:
             g["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
         if step and step % args.refresh_every == 0:
             pool.refresh()
-        exs = [draw_example(pool, rng, args) for _ in range(args.batch)]
+        pair = bool(rng.random() < args.pair_frac)  # whole batches of one kind: no padding 80 -> 145 tokens
+        exs = [draw_example(pool, rng, args, pair=pair) for _ in range(args.batch)]
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bool(args.bf16)):
             embeds, mask, labels, lasts, vis, scene_f, crop_f, crop_idx = build_batch(model, batcher, exs)
             logits = model(inputs_embeds=embeds, attention_mask=mask).logits.float()
