@@ -54,3 +54,12 @@ def image_folder(tmp_path) -> Path:
         lines.append(json.dumps({"image": f"{index}.png", "question": QUESTIONS[index % 3]}))
     (tmp_path / "data.jsonl").write_text("\n".join(lines) + "\n")
     return tmp_path
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """Tiny models run faster on one thread than with two threads fighting over a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -18,6 +18,15 @@ QUESTION = "what colour is the object ?"
 IMAGE_SIZE = (90, 60)  # not square: the overlay must undo LLaVA's pad-to-square
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    """Tiny models on a busy 2-core machine: intra-op threads only contend (one run: 14 s -> 0.1 s)."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
 @pytest.fixture(scope="module")
 def rpn_dir(model_dir, tmp_path_factory):
     """A fresh RPN bound to the saved tiny model (its fingerprint and weights digest), q scaled up so
@@ -38,16 +47,37 @@ def image_path(tmp_path_factory):
 
 
 def _ask(model_dir, image, *extra: str) -> list[str]:
-    return ["ask", "--model", str(model_dir), "--image", str(image), "--question", QUESTION,
-            "--max-new-tokens", "4", *extra]
+    return [
+        "ask",
+        "--model",
+        str(model_dir),
+        "--image",
+        str(image),
+        "--question",
+        QUESTION,
+        "--max-new-tokens",
+        "4",
+        *extra,
+    ]
 
 
 # For this image (seed 19) and RPN, tau 0.69 keeps one 2 x 2 block of the smoothed map (margin 0.03).
 @pytest.mark.parametrize("method", ["sdrpn", "base", "raw-attention", "vicrop"])
 def test_ask_json_and_overlay(model_dir, rpn_dir, image_path, tmp_path, capsys, method):
     overlay = tmp_path / "out" / f"{method}.png"
-    argv = _ask(model_dir, image_path, "--rpn", str(rpn_dir), "--method", method, "--tau", "0.69",
-                "--save-overlay", str(overlay), "--json")
+    argv = _ask(
+        model_dir,
+        image_path,
+        "--rpn",
+        str(rpn_dir),
+        "--method",
+        method,
+        "--tau",
+        "0.69",
+        "--save-overlay",
+        str(overlay),
+        "--json",
+    )
     assert main(argv) == 0
     out, err = capsys.readouterr()
     result = json.loads(out)
@@ -142,3 +172,23 @@ def test_sdrpn_without_rpn_exits_2(model_dir, image_path, capsys):
 def test_bad_rpn_folder_exits_2(model_dir, image_path, tmp_path, capsys):
     assert main(_ask(model_dir, image_path, "--rpn", str(tmp_path))) == 2
     _one_line_error(capsys, "not an RPN checkpoint")
+
+
+def test_overlay_heat_lies_on_its_grid_cell():
+    """A 90 x 60 image is padded to a 90 x 90 canvas (15 px above): grid cell (1, 2) of the 4 x 4 grid
+    spans canvas x 45..67.5, y 22.5..45, i.e. image x 45..67.5, y 7.5..30; pixels whose centre is inside."""
+    from sdrpn.overlay import draw_overlay, heatmap_on_image
+    from sdrpn.roi import Geometry
+
+    geometry = Geometry.pad_to_square(90, 60, 4, 4)
+    probability = np.zeros((4, 4))
+    probability[1, 2] = 1.0
+    heat = heatmap_on_image(probability, geometry)
+    assert heat.shape == (60, 90)
+    ys, xs = np.nonzero(heat)
+    assert (xs.min(), xs.max(), ys.min(), ys.max()) == (45, 66, 7, 29)
+    assert heat.sum() == (66 - 45 + 1) * (29 - 7 + 1)
+    image = Image.new("RGB", (90, 60), (0, 0, 0))
+    picture = np.asarray(draw_overlay(image, probability, geometry, []))
+    assert picture.shape == (60, 90, 3)
+    assert picture[20, 50].sum() > picture[40, 50].sum()  # the hot cell is brighter than a cold one

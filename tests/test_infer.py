@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from tests.conftest import WORDS, random_images
 from PIL import Image
 
 from sdrpn.errors import SdrpnError
@@ -14,6 +13,7 @@ from sdrpn.models import wrap_model
 from sdrpn.models.tiny import TinyLlavaSpec, build_tiny_llava
 from sdrpn.roi import Geometry, RoiSettings, crop_token_mask, find_regions, grid_box_to_pixels
 from sdrpn.rpn import RegionProposalNetwork, load_rpn
+from tests.conftest import WORDS, random_images
 
 NEW_TOKENS = 4
 # Three questions of different token lengths, so the batch is left-padded differently per row.
@@ -21,6 +21,15 @@ BATCH_QUESTIONS = ["where ?", "what colour is the object ?", "what is red top le
 # Sharpened random RPN + a threshold that keeps part of its map; max_side_frac=1 keeps whole-grid
 # regions too (a random model's attention maps are nearly flat, so raw-attention covers the grid).
 CROP_ROI = RoiSettings(tau=0.6, max_side_frac=1.0)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    """Tiny models on a busy 2-core machine: intra-op threads only contend (one run: 14 s -> 0.1 s)."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
 
 
 def _images() -> list[Image.Image]:
@@ -208,9 +217,7 @@ def test_batch_answers_equal_single_answers(adapter, sharp_rpn, method, upscale)
 
 
 def _eager_last_token_attention(adapter, batch, layer: int) -> torch.Tensor:
-    output = adapter.model(
-        **batch.inputs, position_ids=batch.position_ids, output_attentions=True, use_cache=False
-    )
+    output = adapter.model(**batch.inputs, position_ids=batch.position_ids, output_attentions=True, use_cache=False)
     attention = output.attentions[layer]  # (B, heads, T, T)
     rows = torch.arange(batch.size)[:, None]
     return attention[:, :, -1, :].mean(1)[rows, batch.visual_positions].view(batch.size, *batch.grid)
@@ -262,9 +269,14 @@ def test_vicrop_default_layer_is_the_first_label_layer(adapter):
 
 @pytest.mark.parametrize("method", ["sdrpn", "vicrop", "raw-attention"])
 def test_predict_roi_boxes_are_pixels_inside_a_non_square_image(adapter, sharp_rpn, method):
-    image = random_images(1, seed=4, size=(160, 60))[0]
     zoom = Zoom(adapter, sharp_rpn, InferSettings(roi=CROP_ROI, max_new_tokens=NEW_TOKENS))
-    (prediction,) = zoom.predict_roi([image], ["what colour is the object ?"], method=method)
+    images = random_images(8, seed=4, size=(160, 60))
+    predictions = zoom.predict_roi(images, ["what colour is the object ?"] * 8, method=method)
+    with_boxes = [(i, p) for i, p in zip(images, predictions) if p.boxes]
+    assert with_boxes, f"{method} proposed no box for any image"
+    image, prediction = with_boxes[0]
+    for other in predictions:  # padding rows (the top and bottom of the 4x4 grid) are never chosen
+        assert not other.regions.mask[0].any() and not other.regions.mask[3].any()
     assert prediction.probability.shape == (4, 4)
     assert prediction.regions.mask.shape == (4, 4)
     assert prediction.geometry == Geometry.pad_to_square(160, 60, 4, 4)
@@ -376,3 +388,14 @@ def test_odd_pil_modes_are_answered(adapter, sharp_rpn, method):
         assert all(r.extra_tokens == 16 for r in results)
     single = zoom.ask(odd["1x1"], "what colour is the object ?")
     assert single.answer == results[0].answer
+
+
+def test_ask_with_boxes_checks_its_boxes(adapter):
+    zoom = Zoom(adapter, settings=InferSettings(method="base", max_new_tokens=NEW_TOKENS))
+    image = random_images(1, seed=2, size=(90, 60))[0]
+    (result,) = zoom.ask_with_boxes([image], ["what ?"], [[(0, 0, 45, 30), (45, 30, 90, 60)]])
+    assert result.extra_tokens == 32 and result.boxes == [(0, 0, 45, 30), (45, 30, 90, 60)]
+    with pytest.raises(SdrpnError, match="outside the 90 x 60 image"):
+        zoom.ask_with_boxes([image], ["what ?"], [[(0, 0, 91, 30)]])
+    with pytest.raises(SdrpnError, match="1 images, 1 questions and 2 box lists"):
+        zoom.ask_with_boxes([image], ["what ?"], [[], []])

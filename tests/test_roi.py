@@ -386,3 +386,11 @@ def test_roi_does_not_import_torch():
     code = "import sys, sdrpn.roi; sys.exit(1 if 'torch' in sys.modules else 0)"
     env = {**os.environ, "PYTHONPATH": src}
     assert subprocess.run([sys.executable, "-c", code], env=env, check=False).returncode == 0
+
+
+def test_image_cells_excludes_pure_padding():
+    from sdrpn.roi import image_cells
+
+    wide = image_cells(Geometry.pad_to_square(160, 60, 4, 4))  # image rows 50..110 of a 160 canvas
+    assert wide.tolist() == [[False] * 4, [True] * 4, [True] * 4, [False] * 4]
+    assert image_cells(Geometry.identity(30, 20, 3, 5)).all()

@@ -29,6 +29,7 @@ from sdrpn.roi import (
     crop_token_mask,
     find_regions,
     grid_box_to_pixels,
+    image_cells,
     probability_grid,
 )
 from sdrpn.rpn import RegionProposalNetwork, load_rpn
@@ -121,6 +122,10 @@ class Zoom:
     def _vicrop_maps(self, batch: PromptBatch) -> np.ndarray:
         layer = self.settings.vicrop_layer
         layer = min(self.adapter.default_label_heads()) if layer is None else layer
+        if not 0 <= layer < self.adapter.attention_shape.num_layers:
+            raise SdrpnError(
+                f"vicrop_layer {layer} does not exist in a {self.adapter.attention_shape.num_layers}-layer model"
+            )
         heads = {layer: None}
         specific = prompt_attention(self.adapter, batch, heads)
         generic_batch = self.adapter.prepare(batch.images, [[GENERIC_PROMPT]] * batch.size)
@@ -130,6 +135,7 @@ class Zoom:
     def _regions(self, maps: np.ndarray, batch: PromptBatch, method: str) -> list[RoiPrediction]:
         predictions = []
         for probability, geometry in zip(maps, batch.geometries):
+            probability = np.where(image_cells(geometry), probability, 0.0)
             if method == "vicrop":
                 box = best_window(probability)
                 mask = np.zeros_like(probability, dtype=bool)
@@ -186,12 +192,17 @@ class Zoom:
 
     def ask_with_boxes(self, images, questions, boxes: list[list[PixelBox]]) -> list[ZoomResult]:
         """Answer with crops of given pixel boxes (one crop each, e.g. from an external detector)."""
+        if not len(images) == len(questions) == len(boxes):
+            raise SdrpnError(f"got {len(images)} images, {len(questions)} questions and {len(boxes)} box lists")
         started = time.perf_counter()
         batch = self._prepare(images, questions)
-        predictions = [
-            RoiPrediction(probability=None, regions=None, boxes=list(b), union_box=None, geometry=g)
-            for b, g in zip(boxes, batch.geometries)
-        ]
+        predictions = []
+        for image_boxes, geometry in zip(boxes, batch.geometries):
+            width, height = geometry.image_width, geometry.image_height
+            for x0, y0, x1, y1 in image_boxes:
+                if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
+                    raise SdrpnError(f"box {(x0, y0, x1, y1)} is empty or outside the {width} x {height} image")
+            predictions.append(RoiPrediction(None, None, list(image_boxes), None, geometry))
         return self._answer(batch, predictions, "given-boxes", "box", started, started)
 
     def _answer(self, batch, predictions, method: str, upscale: str, started: float, roi_done: float):
@@ -255,7 +266,7 @@ def load(
     adapter = model if isinstance(model, FamilyAdapter) else load_model(model, dtype=dtype, device=device)
     network = rpn if isinstance(rpn, RegionProposalNetwork) or rpn is None else load_rpn(rpn, adapter)
     if network is not None:
-        network.to(adapter.device, adapter.dtype)
+        network.to(adapter.device, adapter.dtype).eval()
     roi = RoiSettings() if tau is None else replace(RoiSettings(), tau=tau)
     settings = InferSettings(
         method=method or ("sdrpn" if network is not None else "base"),

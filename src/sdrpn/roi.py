@@ -335,3 +335,14 @@ def expand_box_px(
     nx0, nx1 = fit(x0, x1, width)
     ny0, ny1 = fit(y0, y1, height)
     return (nx0, ny0, nx1, ny1)
+
+
+def image_cells(geometry: Geometry) -> np.ndarray:
+    """(H, W) bool: grid cells that show some of the image, not only pad-to-square padding.
+
+    Regions are chosen among these only, so a crop never lands on padding."""
+    rows = np.arange(geometry.grid_height + 1) * geometry.cell_height - geometry.offset_y
+    cols = np.arange(geometry.grid_width + 1) * geometry.cell_width - geometry.offset_x
+    row_in = (rows[1:] > 0) & (rows[:-1] < geometry.image_height)
+    col_in = (cols[1:] > 0) & (cols[:-1] < geometry.image_width)
+    return row_in[:, None] & col_in[None, :]

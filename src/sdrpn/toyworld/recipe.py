@@ -450,9 +450,15 @@ def save_model(model, processor, out: Path, meta: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     half = build_tiny_llava(spec_for(RecipeArgs(**meta["args"])))[0]
     half.load_state_dict(model.state_dict())
-    half.to(torch.float16)
-    half.config.dtype = torch.float32  # stored in fp16, reloads in fp32 (the default dtype)
+    half.to(torch.float16)  # fp16 storage halves the size; config.json says float32 so it reloads in fp32
     half.save_pretrained(out)
+    cfg_path = out / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["dtype"] = "float32"
+    for sub in ("text_config", "vision_config"):
+        if isinstance(cfg.get(sub), dict) and "dtype" in cfg[sub]:
+            cfg[sub]["dtype"] = "float32"
+    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     processor.save_pretrained(out)
     (out / "recipe.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
 

@@ -37,7 +37,8 @@ from PIL import Image, ImageDraw
 SCENE_SIZE = 512
 INPUT_SIZE = 128  # the demo model's input side (8 x 8 tokens of 16 px)
 OBJECT_SIZE = (32, 40)  # px at SCENE_SIZE, scaled linearly with the scene size
-MARK_SIZE = 3  # px at SCENE_SIZE (colour core), plus a 1-px dark rim
+MARK_SIZE = 4  # px at SCENE_SIZE (colour core), plus a 1-px dark rim
+MARK_RIM = 2  # px at SCENE_SIZE: the dark frame around the mark
 NOISE_STD = 10.0
 
 SHAPES = ["circle", "square", "triangle", "diamond", "cross"]
@@ -185,7 +186,7 @@ def render_scene(seed: int, size: int = SCENE_SIZE) -> Scene:
     ms = max(1, int(round(MARK_SIZE * k)))
     cx, cy = x0 + s // 2, y0 + s // 2
     mx0, my0 = cx - ms // 2, cy - ms // 2
-    rim = max(1, int(round(k)))
+    rim = max(1, int(round(MARK_RIM * k)))
     img[my0 - rim : my0 + ms + rim, mx0 - rim : mx0 + ms + rim] = 30.0
     img[my0 : my0 + ms, mx0 : mx0 + ms] = np.array(COLOURS[mark], np.float32)
 
