@@ -49,6 +49,10 @@ def test_one_map_per_user_turn(adapter):
     conversation = [QUESTIONS[0], "red", QUESTIONS[1]]
     batch = adapter.prepare(random_images(2), [conversation, [QUESTIONS[2]]])
     assert len(batch.query_positions[0]) == 2 and batch.query_positions[0][0] < batch.query_positions[0][1]
+    tokens = adapter.tokenizer.convert_ids_to_tokens(batch.inputs["input_ids"][0])
+    first, second = batch.query_positions[0]
+    assert tokens[first - 1 : first + 2] == ["ASSISTANT", ":", "red"]  # the token right before each answer
+    assert tokens[second - 1 :] == ["ASSISTANT", ":"]
     logits, mask = RegionProposalNetwork(adapter, 2, 2)(batch)
     assert logits.shape == (2, 2, 16)
     assert mask.tolist() == [[True, True], [True, False]]

@@ -108,12 +108,11 @@ class LlavaAdapter(FamilyAdapter):
         query_positions = []
         for row, conversation in enumerate(conversations):
             pad = int((attention_mask[row] == 0).sum())
-            turn_ends = []
-            for upto in range(1, len(conversation) + 1, 2):
-                text = self._prompt(conversation, upto)
-                length = len(self.processor(images=[squares[row]], text=[text], return_tensors="pt")["input_ids"][0])
-                turn_ends.append(pad + length - 1)
-            query_positions.append(turn_ends)
+            earlier = [  # earlier turns: the prompt up to that turn, with "<image>" expanded as the processor does
+                pad + len(self.tokenizer(self._prompt(conversation, upto))["input_ids"]) + counts[row] - 2
+                for upto in range(1, len(conversation) - 1, 2)
+            ]
+            query_positions.append([*earlier, input_ids.shape[1] - 1])
         geometries = [Geometry.pad_to_square(*image.size, side, side) for image in images]
         return PromptBatch(
             inputs=inputs,
@@ -195,22 +194,24 @@ class LlavaAdapter(FamilyAdapter):
             text_config._attn_implementation = saved
 
     # --- images and generation -----------------------------------------------------------------
+    def _image_features(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+        features = self.model.model.get_image_features(pixel_values=pixel_values.to(self.device, self.dtype))
+        features = features.pooler_output if hasattr(features, "pooler_output") else features
+        return [f.reshape(-1, f.shape[-1]) for f in features]
+
     def encode_images(self, images: list[Image.Image]) -> tuple[list[torch.Tensor], list[Geometry]]:
         fill = self._fill_colour()
         squares = [pad_to_square(image, fill) for image in images]
-        pixels = self.processor.image_processor(squares, return_tensors="pt")["pixel_values"]
-        features = self.model.model.get_image_features(pixel_values=pixels.to(self.device, self.dtype))
-        features = list(features.pooler_output if hasattr(features, "pooler_output") else features)
+        features = self._image_features(self.processor.image_processor(squares, return_tensors="pt")["pixel_values"])
         side = int(round(features[0].shape[0] ** 0.5))
         geometries = [Geometry.pad_to_square(*image.size, side, side) for image in images]
-        return [f.reshape(-1, f.shape[-1]) for f in features], geometries
+        return features, geometries
 
     def input_embeddings(self, batch: PromptBatch) -> torch.Tensor:
         input_ids = batch.inputs["input_ids"]
         embeds = self.model.get_input_embeddings()(input_ids)
-        features, _ = self.encode_images(batch.images)
-        visual = torch.stack(features).to(embeds.dtype)
-        rows = torch.arange(len(features), device=embeds.device)[:, None]
+        visual = torch.stack(self._image_features(batch.inputs["pixel_values"])).to(embeds.dtype)
+        rows = torch.arange(len(visual), device=embeds.device)[:, None]
         embeds = embeds.clone()
         embeds[rows, batch.visual_positions] = visual
         return embeds
