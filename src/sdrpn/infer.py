@@ -99,8 +99,7 @@ class Zoom:
         self.adapter = adapter
         self.rpn = rpn
         self.settings = settings or InferSettings(method="sdrpn" if rpn is not None else "base")
-        if self.settings.method == "sdrpn" and rpn is None:
-            raise SdrpnError("method 'sdrpn' needs an RPN checkpoint (--rpn); or choose another --method")
+        self._resolve(None, None)
 
     # --- stage 1 -------------------------------------------------------------------------------
     def roi_maps(self, batch: PromptBatch, method: str) -> np.ndarray | None:
@@ -150,10 +149,7 @@ class Zoom:
 
     def predict_roi(self, images, questions, method: str | None = None) -> list[RoiPrediction]:
         """Boxes and maps without generating (to put in front of another serving stack)."""
-        method = method or self.settings.method
-        _check_choice(method, self.settings.upscale)
-        if method == "sdrpn" and self.rpn is None:
-            raise SdrpnError("method 'sdrpn' needs an RPN checkpoint")
+        method, _ = self._resolve(method, None)
         batch = self._prepare(images, questions)
         maps = self.roi_maps(batch, method)
         if maps is None:
@@ -176,11 +172,7 @@ class Zoom:
 
     def ask_batch(self, images, questions, method: str | None = None, upscale: str | None = None) -> list[ZoomResult]:
         """Answer a batch; every sample's answer equals what it gets alone (left padding, real positions)."""
-        method = method or self.settings.method
-        upscale = upscale or self.settings.upscale
-        _check_choice(method, upscale)
-        if method == "sdrpn" and self.rpn is None:
-            raise SdrpnError("method 'sdrpn' needs an RPN checkpoint")
+        method, upscale = self._resolve(method, upscale)
         started = time.perf_counter()
         batch = self._prepare(images, questions)
         maps = self.roi_maps(batch, method)
@@ -235,6 +227,14 @@ class Zoom:
             )
             for answer, p, tokens, geometry in zip(answers, predictions, extra, batch.geometries)
         ]
+
+    def _resolve(self, method: str | None, upscale: str | None) -> tuple[str, str]:
+        """Per-call choices fall back to the settings and are checked like them."""
+        method, upscale = method or self.settings.method, upscale or self.settings.upscale
+        _check_choice(method, upscale)
+        if method == "sdrpn" and self.rpn is None:
+            raise SdrpnError("method 'sdrpn' needs an RPN checkpoint (--rpn); or choose another --method")
+        return method, upscale
 
     def ask(self, image, question: str, method: str | None = None, upscale: str | None = None) -> ZoomResult:
         return self.ask_batch([image], [question], method, upscale)[0]
