@@ -18,15 +18,6 @@ QUESTION = "what colour is the object ?"
 IMAGE_SIZE = (90, 60)  # not square: the overlay must undo LLaVA's pad-to-square
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """Tiny models on a busy 2-core machine: intra-op threads only contend (one run: 14 s -> 0.1 s)."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
 @pytest.fixture(scope="module")
 def rpn_dir(model_dir, tmp_path_factory):
     """A fresh RPN bound to the saved tiny model (its fingerprint and weights digest), q scaled up so

@@ -23,15 +23,6 @@ BATCH_QUESTIONS = ["where ?", "what colour is the object ?", "what is red top le
 CROP_ROI = RoiSettings(tau=0.6, max_side_frac=1.0)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """Tiny models on a busy 2-core machine: intra-op threads only contend (one run: 14 s -> 0.1 s)."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
 def _images() -> list[Image.Image]:
     sizes = [(100, 80), (60, 90), (120, 120)]
     return [random_images(1, seed=10 + i, size=size)[0] for i, size in enumerate(sizes)]

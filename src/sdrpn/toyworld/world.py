@@ -5,13 +5,15 @@ Grammar of one scene (``size`` x ``size`` px, 512 by default; everything seeded)
 * Background: a mid-gray canvas with slow brightness drift, faint gray blobs (ellipses) and faint gray
   lines, plus per-pixel noise. Nothing in the clutter is coloured or object-like.
 * ONE target object at a random place: a filled ``shape`` in ``SHAPES`` (circle, square, triangle,
-  diamond, cross), ``OBJECT_SIZE`` px wide (32-40 px at 512 px, scaled with ``size``), in a saturated
+  diamond, cross), ``OBJECT_SIZE`` px wide (36-44 px at 512 px, scaled with ``size``), in a saturated
   ``colour`` from ``OBJECT_COLOURS``.
-* The fine property: a small square ``mark`` (``MARK_SIZE`` px, 3 px at 512 px, with a 1-px dark
-  rim) at the target's centre, in a colour from ``MARK_COLOURS`` different from the object's colour.
-  At the model's input resolution (the scene resized to 128 px, 4x smaller) the mark covers about one
-  input pixel and only tints the target's 16-px patch; in a crop of twice the object's size resized to
-  the same 128 px it is ~10 input px wide and plainly legible.
+* The fine property: a small square ``mark`` (a ``MARK_SIZE`` = 4 px colour core in a ``MARK_RIM`` = 2 px
+  dark frame, at 512 px) at the target's box centre, in a colour from ``MARK_COLOURS`` different from
+  the object's colour. At the model's input resolution (the scene resized to 112 px, 4.6x smaller) the
+  core is under one input pixel, mixed with its dark frame and the object: it only tints the target's
+  16-px patch. In a crop of twice the object's size resized to the same 112 px the core is ~6 input
+  px wide inside a ~12-px dark frame, plainly legible. The input grid is odd (7 x 7 tokens) so that
+  the centre of a centred crop falls in the middle of a token, not on a corner shared by four.
 
 Questions (``qtype`` -> templates -> answer words):
 
@@ -20,8 +22,8 @@ Questions (``qtype`` -> templates -> answer words):
 * ``"coarse"``: "what colour is the object ?" -> object colour; "what shape is the object ?" -> shape;
   "where is the object ?" -> the 3x3 cell of the object's centre: "top left", "top", "top right",
   "left", "centre", "right", "bottom left", "bottom", "bottom right".
-* ``"yesno"`` (POPE-like): "is there a {shape} in the image ?" -> "yes" / "no"; the shape asked is
-  the target's shape half of the time.
+* ``"yesno"`` (POPE-like): "is there a {colour} object in the image ?" -> "yes" / "no"; the colour
+  asked is the target's colour half of the time (colour, unlike shape, is visible at input resolution).
 
 Answers are one word, except the two-word "where" corners. Every sample carries its answer, question
 type, the target's box in scene pixels and its seed; ``make_samples`` is deterministic in its seed.
@@ -35,9 +37,9 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 SCENE_SIZE = 512
-INPUT_SIZE = 128  # the demo model's input side (8 x 8 tokens of 16 px)
-OBJECT_SIZE = (32, 40)  # px at SCENE_SIZE, scaled linearly with the scene size
-MARK_SIZE = 4  # px at SCENE_SIZE (colour core), plus a 1-px dark rim
+INPUT_SIZE = 112  # the demo model's input side: 7 x 7 tokens of 16 px (odd, so a centred detail is mid-token)
+OBJECT_SIZE = (36, 44)  # px at SCENE_SIZE, scaled linearly with the scene size
+MARK_SIZE = 4  # px at SCENE_SIZE: the mark's colour core
 MARK_RIM = 2  # px at SCENE_SIZE: the dark frame around the mark
 NOISE_STD = 10.0
 
@@ -67,7 +69,7 @@ COARSE_TEMPLATES = {
     "shape": "what shape is the object ?",
     "where": "where is the object ?",
 }
-YESNO_TEMPLATE = "is there a {shape} in the image ?"
+YESNO_TEMPLATE = "is there a {colour} object in the image ?"
 
 
 def _template_words() -> list[str]:
@@ -182,7 +184,7 @@ def render_scene(seed: int, size: int = SCENE_SIZE) -> Scene:
     rgb = np.array(COLOURS[colour], np.float32) + rng.uniform(-12, 12, 3)
     patch = img[y0 : y0 + s, x0 : x0 + s]
     patch[m] = rgb
-    # The mark: colour core + 1-px dark rim, centred on the object's box centre.
+    # The mark: colour core in a dark frame, centred on the object's box centre.
     ms = max(1, int(round(MARK_SIZE * k)))
     cx, cy = x0 + s // 2, y0 + s // 2
     mx0, my0 = cx - ms // 2, cy - ms // 2
@@ -216,9 +218,9 @@ def ask(scene: Scene, qtype: str, rng: np.random.Generator) -> tuple[str, str, s
         return COARSE_TEMPLATES[sub], answer, sub
     if qtype == "yesno":
         if rng.random() < 0.5:
-            return YESNO_TEMPLATE.format(shape=scene.shape), "yes", "yes"
-        others = [s for s in SHAPES if s != scene.shape]
-        return YESNO_TEMPLATE.format(shape=others[int(rng.integers(len(others)))]), "no", "no"
+            return YESNO_TEMPLATE.format(colour=scene.colour), "yes", "yes"
+        others = [c for c in OBJECT_COLOURS if c != scene.colour]
+        return YESNO_TEMPLATE.format(colour=others[int(rng.integers(len(others)))]), "no", "no"
     raise ValueError(f"unknown question type {qtype!r}; expected one of {QTYPES}")
 
 
