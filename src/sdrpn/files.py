@@ -18,6 +18,7 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], object]) -> Path:
     try:
         with os.fdopen(handle, "wb") as file:
             write(file)
+        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes 0600 files; give what open() would
         os.replace(temporary, path)
     finally:
         if os.path.exists(temporary):
@@ -27,3 +28,9 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], object]) -> Path:
 
 def atomic_write_json(path: str | Path, payload: object) -> Path:
     return atomic_write(path, lambda file: file.write(json.dumps(payload, indent=2).encode()))
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
