@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
+import sdrpn
 from sdrpn.errors import SdrpnError
 from sdrpn.infer import GENERIC_PROMPT, InferSettings, RoiPrediction, Zoom, load
 from sdrpn.models import wrap_model
@@ -390,3 +391,13 @@ def test_ask_with_boxes_checks_its_boxes(adapter):
         zoom.ask_with_boxes([image], ["what ?"], [[(0, 0, 91, 30)]])
     with pytest.raises(SdrpnError, match="1 images, 1 questions and 2 box lists"):
         zoom.ask_with_boxes([image], ["what ?"], [[], []])
+
+
+def test_load_takes_roi_defaults_from_the_checkpoint(adapter, tmp_path):
+    rpn = RegionProposalNetwork(adapter, 2, 3)
+    rpn.config.roi_settings = {"tau": 0.77, "min_tokens": 1, "grow_below": 0}
+    rpn.save(tmp_path / "rpn")
+    zoom = sdrpn.load(adapter, str(tmp_path / "rpn"))
+    assert (zoom.settings.roi.tau, zoom.settings.roi.min_tokens, zoom.settings.roi.grow_below) == (0.77, 1, 0)
+    assert sdrpn.load(adapter, str(tmp_path / "rpn"), tau=0.3).settings.roi.tau == 0.3
+    assert sdrpn.load(adapter, RegionProposalNetwork(adapter, 2, 3)).settings.roi == RoiSettings()

@@ -321,8 +321,12 @@ def test_best_window_all_zero_is_centred_largest_window():
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"attention_map": -np.ones((4, 4))}, {"attention_map": np.ones((4, 4)), "window_fracs": (0.0,)},
-     {"attention_map": np.ones((4, 4)), "stride": 0}, {"attention_map": np.ones(4)}],
+    [
+        {"attention_map": -np.ones((4, 4))},
+        {"attention_map": np.ones((4, 4)), "window_fracs": (0.0,)},
+        {"attention_map": np.ones((4, 4)), "stride": 0},
+        {"attention_map": np.ones(4)},
+    ],
 )
 def test_best_window_rejects_bad_input(kwargs):
     with pytest.raises(SdrpnError):
@@ -364,8 +368,15 @@ def test_settings_reject_tau_outside_open_unit_interval(tau):
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"kernel": 4}, {"min_tokens": 0}, {"grow_to": 0}, {"grow_below": -1}, {"max_side_frac": 0.0},
-     {"max_side_frac": 1.5}, {"sigma": float("inf")}],
+    [
+        {"kernel": 4},
+        {"min_tokens": 0},
+        {"grow_to": 0},
+        {"grow_below": -1},
+        {"max_side_frac": 0.0},
+        {"max_side_frac": 1.5},
+        {"sigma": float("inf")},
+    ],
 )
 def test_settings_reject_other_bad_values(kwargs):
     with pytest.raises(SdrpnError) as info:

@@ -41,8 +41,22 @@ def test_demo_runs_and_writes_overlays(shipped, tmp_path, capsys):
 
 def test_demo_train_rpn_redoes_self_distillation(shipped, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(pipeline, "TOY_LABELS", pipeline.LabelSettings(max_new_tokens=2, fg=0.9, bg=0.85))
-    code = main(["demo", "--train-rpn", "--label-samples", "16", "--scenes", "1", "--eval-scenes", "4", "--seed",
-                 "5", "--out", str(tmp_path / "demo")])
+    code = main(
+        [
+            "demo",
+            "--train-rpn",
+            "--label-samples",
+            "16",
+            "--scenes",
+            "1",
+            "--eval-scenes",
+            "4",
+            "--seed",
+            "5",
+            "--out",
+            str(tmp_path / "demo"),
+        ]
+    )
     assert code == 0
     assert (tmp_path / "demo" / "self-distillation" / "rpn" / "rpn_config.json").is_file()
     assert "self-distillation done" in capsys.readouterr().out
@@ -50,8 +64,24 @@ def test_demo_train_rpn_redoes_self_distillation(shipped, tmp_path, capsys, monk
 
 def test_bench_toy_json_and_resume(shipped, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(pipeline, "TOY_LABELS", pipeline.LabelSettings(max_new_tokens=2, fg=0.9, bg=0.85))
-    argv = ["bench", "toy", "--n", "6", "--seed", "3", "--work", str(tmp_path / "work"), "--label-samples", "12",
-            "--sweep", "6", "--timing-samples", "2", "--json", str(tmp_path / "bench.json")]
+    argv = [
+        "bench",
+        "toy",
+        "--n",
+        "6",
+        "--seed",
+        "3",
+        "--work",
+        str(tmp_path / "work"),
+        "--label-samples",
+        "12",
+        "--sweep",
+        "6",
+        "--timing-samples",
+        "2",
+        "--json",
+        str(tmp_path / "bench.json"),
+    ]
     assert main(argv) == 0
     result = json.loads((tmp_path / "bench.json").read_text())
     expected = {"base", "full_resolution", "oracle_crop", "raw_attention", "vicrop", "sdrpn_box", "sdrpn_mask"}
@@ -60,8 +90,12 @@ def test_bench_toy_json_and_resume(shipped, tmp_path, capsys, monkeypatch):
         assert set(row["accuracy"]) <= {"fine", "coarse", "yesno", "overall"} and "overall" in row["accuracy"]
         assert row["relative_throughput"] > 0
     assert result["methods"]["base"]["relative_throughput"] == 1.0
-    assert set(result["ablation_ladder"]) == {"raw_attention", "rpn_raw_mse", "rpn_label_assignment",
-                                              "rpn_label_assignment_sink_removal"}
+    assert set(result["ablation_ladder"]) == {
+        "raw_attention",
+        "rpn_raw_mse",
+        "rpn_label_assignment",
+        "rpn_label_assignment_sink_removal",
+    }
     assert set(result["data_size_sweep"]) == {"6", "12"}
     first = capsys.readouterr().out
     assert main(argv) == 0  # everything cached: same table again

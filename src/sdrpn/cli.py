@@ -24,15 +24,16 @@ def _load_adapter(args):
     from sdrpn.models import load_model
 
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    return load_model(_model_path(args.model), dtype=dtype, device=args.device)
+    return load_model(_shipped(args.model, "mllm"), dtype=dtype, device=args.device)
 
 
-def _model_path(name: str) -> str:
-    if name == "toy":
-        from sdrpn.toyworld.pipeline import shipped_model_dir
+def _shipped(name: str | None, kind: str) -> str | None:
+    """'toy' names the shipped demo MLLM (kind 'mllm') or its RPN (kind 'rpn')."""
+    if name != "toy":
+        return name
+    from sdrpn.toyworld.pipeline import shipped_dir
 
-        return str(shipped_model_dir())
-    return name
+    return str(shipped_dir(kind))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ask = commands.add_parser("ask", help="answer a question about an image, zooming where the RPN points")
     _add_model(ask)
-    ask.add_argument("--rpn", default=None, help="RPN checkpoint folder (needed for --method sdrpn)")
+    ask.add_argument("--rpn", default=None, help="RPN checkpoint folder, or 'toy' (needed for --method sdrpn)")
     ask.add_argument("--image", required=True)
     ask.add_argument("--question", required=True)
     ask.add_argument("--method", choices=("sdrpn", "base", "raw-attention", "vicrop"), default=None)
@@ -169,7 +170,12 @@ def cmd_ask(args) -> int:
     image = load_image(args.image)
     adapter = _load_adapter(args)
     zoom = load(
-        adapter, args.rpn, method=args.method, upscale=args.upscale, tau=args.tau, max_new_tokens=args.max_new_tokens
+        adapter,
+        _shipped(args.rpn, "rpn"),
+        method=args.method,
+        upscale=args.upscale,
+        tau=args.tau,
+        max_new_tokens=args.max_new_tokens,
     )
     result = zoom.ask(image, args.question)
     if args.save_overlay:
@@ -195,8 +201,14 @@ def cmd_selftest(args) -> int:
 def cmd_demo(args) -> int:
     from sdrpn.toyworld.demo import run_demo
 
-    run_demo(out_dir=args.out, scenes=args.scenes, eval_scenes=args.eval_scenes, seed=args.seed,
-             train_rpn=args.train_rpn, label_samples=args.label_samples)
+    run_demo(
+        out_dir=args.out,
+        scenes=args.scenes,
+        eval_scenes=args.eval_scenes,
+        seed=args.seed,
+        train_rpn=args.train_rpn,
+        label_samples=args.label_samples,
+    )
     return 0
 
 
@@ -204,9 +216,16 @@ def cmd_bench(args) -> int:
     from sdrpn.toyworld.bench import format_table, run_toy_bench
 
     sweep = tuple(int(size) for size in args.sweep.split(",") if size.strip())
-    result = run_toy_bench(seed=args.seed, n=args.n, work_dir=args.work, rpn=args.rpn,
-                           label_samples=args.label_samples, sweep=sweep, ablations=not args.no_ablations,
-                           timing_samples=args.timing_samples)
+    result = run_toy_bench(
+        seed=args.seed,
+        n=args.n,
+        work_dir=args.work,
+        rpn=args.rpn,
+        label_samples=args.label_samples,
+        sweep=sweep,
+        ablations=not args.no_ablations,
+        timing_samples=args.timing_samples,
+    )
     print(format_table(result))
     print(f"SD-RPN RoI stage / ViCrop RoI stage: {result['roi_stage_cost_sdrpn_over_vicrop']}")
     if args.json:

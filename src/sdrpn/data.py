@@ -54,9 +54,7 @@ class _BadRecord(Exception):
     """Internal: why a record was skipped; becomes a `ReadReport.bad` line or an `SdrpnError`."""
 
 
-def read_samples(
-    path: str | Path, image_root: str | Path | None = None, *, strict: bool = False
-) -> ReadReport:
+def read_samples(path: str | Path, image_root: str | Path | None = None, *, strict: bool = False) -> ReadReport:
     """Read samples from `path`; image paths are relative to `image_root` (default: the file's folder).
 
     The format is detected from the content: a JSON list of records (LLaVA instruction format, or

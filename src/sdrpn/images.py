@@ -97,9 +97,7 @@ def _check_size(img: Image.Image, name: str, max_pixels: int, max_aspect: float)
     if width < 1 or height < 1:
         raise SdrpnError(_message(name, f"empty image ({width}x{height} pixels)"))
     if width * height > max_pixels:
-        raise SdrpnError(
-            _message(name, f"{width}x{height} = {width * height} pixels exceeds max_pixels={max_pixels}")
-        )
+        raise SdrpnError(_message(name, f"{width}x{height} = {width * height} pixels exceeds max_pixels={max_pixels}"))
     aspect = max(width, height) / min(width, height)
     if aspect > max_aspect:
         raise SdrpnError(

@@ -267,7 +267,8 @@ def load(
     network = rpn if isinstance(rpn, RegionProposalNetwork) or rpn is None else load_rpn(rpn, adapter)
     if network is not None:
         network.to(adapter.device, adapter.dtype).eval()
-    roi = RoiSettings() if tau is None else replace(RoiSettings(), tau=tau)
+    roi = RoiSettings(**network.config.roi_settings) if network is not None else RoiSettings()
+    roi = roi if tau is None else replace(roi, tau=tau)  # the RPN's own defaults, then the caller's tau
     settings = InferSettings(
         method=method or ("sdrpn" if network is not None else "base"),
         upscale=upscale,

@@ -44,16 +44,13 @@ class Geometry:
             if int(value) != value or value < 1:
                 raise SdrpnError(f"Geometry.{name} must be a positive integer, got {value!r}")
         if not (self.canvas_width > 0 and self.canvas_height > 0):
-            raise SdrpnError(
-                f"Geometry canvas must be positive, got {self.canvas_width!r} x {self.canvas_height!r}"
-            )
+            raise SdrpnError(f"Geometry canvas must be positive, got {self.canvas_width!r} x {self.canvas_height!r}")
 
     @classmethod
     def pad_to_square(cls, width: int, height: int, grid_height: int, grid_width: int) -> Geometry:
         """Image centred on a max(w, h) square (LLaVA-1.5, and Qwen2.5-VL as the paper runs it)."""
         side = max(width, height)
-        return cls(width, height, side, side, (side - width) / 2, (side - height) / 2,
-                   grid_height, grid_width)
+        return cls(width, height, side, side, (side - width) / 2, (side - height) / 2, grid_height, grid_width)
 
     @classmethod
     def identity(cls, width: int, height: int, grid_height: int, grid_width: int) -> Geometry:
@@ -134,8 +131,7 @@ def probability_grid(logits: np.ndarray, grid_height: int, grid_width: int) -> n
     if x.ndim == 1:
         if x.size != grid_height * grid_width:
             raise SdrpnError(
-                f"got {x.size} RoI logits, expected {grid_height} x {grid_width} = "
-                f"{grid_height * grid_width}"
+                f"got {x.size} RoI logits, expected {grid_height} x {grid_width} = {grid_height * grid_width}"
             )
         x = x.reshape(grid_height, grid_width)
     elif x.ndim == 2:
@@ -210,8 +206,7 @@ def _check_grid_box(box: GridBox, geometry: Geometry) -> tuple[int, int, int, in
     r0, c0, r1, c1 = (int(v) for v in box)
     if not (0 <= r0 < r1 <= geometry.grid_height and 0 <= c0 < c1 <= geometry.grid_width):
         raise SdrpnError(
-            f"grid box {tuple(box)} is empty or outside the {geometry.grid_height} x "
-            f"{geometry.grid_width} grid"
+            f"grid box {tuple(box)} is empty or outside the {geometry.grid_height} x {geometry.grid_width} grid"
         )
     return r0, c0, r1, c1
 
@@ -226,16 +221,18 @@ def _span_to_pixels(lo: float, hi: float, limit: int) -> tuple[int, int]:
 def grid_box_to_pixels(box: GridBox, geometry: Geometry) -> PixelBox:
     """Token box -> (x0, y0, x1, y1) in original-image pixels: undo the resize and the pad."""
     r0, c0, r1, c1 = _check_grid_box(box, geometry)
-    x0, x1 = _span_to_pixels(c0 * geometry.cell_width - geometry.offset_x,
-                             c1 * geometry.cell_width - geometry.offset_x, geometry.image_width)
-    y0, y1 = _span_to_pixels(r0 * geometry.cell_height - geometry.offset_y,
-                             r1 * geometry.cell_height - geometry.offset_y, geometry.image_height)
+    x0, x1 = _span_to_pixels(
+        c0 * geometry.cell_width - geometry.offset_x, c1 * geometry.cell_width - geometry.offset_x, geometry.image_width
+    )
+    y0, y1 = _span_to_pixels(
+        r0 * geometry.cell_height - geometry.offset_y,
+        r1 * geometry.cell_height - geometry.offset_y,
+        geometry.image_height,
+    )
     return (x0, y0, x1, y1)
 
 
-def crop_token_mask(
-    mask: np.ndarray, geometry: Geometry, crop_box_px: PixelBox, crop_geometry: Geometry
-) -> np.ndarray:
+def crop_token_mask(mask: np.ndarray, geometry: Geometry, crop_box_px: PixelBox, crop_geometry: Geometry) -> np.ndarray:
     """Which of the crop's tokens to keep for masked upscaling (the B o E_v(x) of Eq. 8).
 
     Each crop token's cell centre is mapped to the crop image, then to the original image
@@ -245,9 +242,7 @@ def crop_token_mask(
     """
     mask = np.asarray(mask, dtype=bool)
     if mask.shape != (geometry.grid_height, geometry.grid_width):
-        raise SdrpnError(
-            f"mask has shape {mask.shape}, expected ({geometry.grid_height}, {geometry.grid_width})"
-        )
+        raise SdrpnError(f"mask has shape {mask.shape}, expected ({geometry.grid_height}, {geometry.grid_width})")
     x0, y0, x1, y1 = (int(v) for v in crop_box_px)
     if not (0 <= x0 < x1 <= geometry.image_width and 0 <= y0 < y1 <= geometry.image_height):
         raise SdrpnError(
@@ -307,9 +302,7 @@ def best_window(
     return (r0, c0, r0 + k, c0 + k)
 
 
-def expand_box_px(
-    box_px: PixelBox, image_size: tuple[int, int], min_side: int, scale: float = 1.0
-) -> PixelBox:
+def expand_box_px(box_px: PixelBox, image_size: tuple[int, int], min_side: int, scale: float = 1.0) -> PixelBox:
     """Scale a pixel box about its centre, grow it to >= min_side per side, shift it inside the image.
 
     ``image_size`` is (width, height). Crops of a few pixels upscale into noise, hence the floor;

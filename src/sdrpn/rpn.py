@@ -47,6 +47,7 @@ class RpnConfig:
     rpn_layers: int  # R
     label_settings: dict = field(default_factory=dict)
     training: dict = field(default_factory=dict)
+    roi_settings: dict = field(default_factory=dict)  # inference defaults for this RPN (sdrpn.roi.RoiSettings)
     sdrpn_version: str = ""
 
 

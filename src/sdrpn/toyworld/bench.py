@@ -75,13 +75,18 @@ def run_toy_bench(
     if ablations or sweep:
         label_dir = work / "labels"
         pipeline.generate_labels(
-            adapter, pipeline.as_samples(world.make_samples(label_samples, pipeline.TOY_LABEL_SEED)), label_dir,
-            pipeline.TOY_LABELS, batch_size=32, open_image=pipeline.open_toy_image,
+            adapter,
+            pipeline.as_samples(world.make_samples(label_samples, pipeline.TOY_LABEL_SEED)),
+            label_dir,
+            pipeline.TOY_LABELS,
+            batch_size=32,
+            open_image=pipeline.open_toy_image,
         )
         sdrpn_runner = pipeline.method_runners()["sdrpn_mask"]
 
         def _accuracy_of(trained) -> dict:
             return _accuracy(pipeline.make_zoom(adapter, trained), samples, sdrpn_runner)
+
     if ablations:
         ladder = {"raw_attention": methods["raw_attention"]["accuracy"]}
         for name, target in LADDER.items():

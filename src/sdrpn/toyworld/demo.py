@@ -38,11 +38,14 @@ def run_demo(
     base = zoom.ask_batch([s.image for s in shown], [s.question for s in shown], method="base")
     zoomed = zoom.ask_batch([s.image for s in shown], [s.question for s in shown], method="sdrpn")
     for index, (sample, plain, looked) in enumerate(zip(shown, base, zoomed)):
-        picture = save_overlay(out_dir / f"scene-{index}.png", sample.image, looked.roi_map, looked.geometry,
-                               looked.boxes)
+        picture = save_overlay(
+            out_dir / f"scene-{index}.png", sample.image, looked.roi_map, looked.geometry, looked.boxes
+        )
         print(f"Q: {sample.question}")
-        print(f"   base: {plain.answer:<8} sdrpn: {looked.answer:<8} truth: {sample.answer:<8} "
-              f"looked at {looked.boxes or 'nothing'} -> {picture}")
+        print(
+            f"   base: {plain.answer:<8} sdrpn: {looked.answer:<8} truth: {sample.answer:<8} "
+            f"looked at {looked.boxes or 'nothing'} -> {picture}"
+        )
     table = _accuracy_table(zoom, world.make_samples(eval_scenes, seed + 1))
     print(f"\naccuracy on {eval_scenes} more scenes (seed {seed + 1}):\n{table}")
     print(f"\ndone in {time.perf_counter() - started:.0f} s; overlays in {out_dir}/")

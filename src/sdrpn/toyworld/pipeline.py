@@ -9,7 +9,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
 
@@ -79,10 +79,18 @@ def self_distill(
     label_dir = Path(label_dir) if label_dir else work_dir / "labels"
     toy = world.make_samples(samples, seed)
     generate_labels(
-        adapter, as_samples(toy), label_dir, label_settings, batch_size=32, progress=progress,
+        adapter,
+        as_samples(toy),
+        label_dir,
+        label_settings,
+        batch_size=32,
+        progress=progress,
         open_image=open_toy_image,
     )
-    return train_rpn(adapter, label_dir, work_dir / "rpn", train_settings, progress=progress, open_image=open_toy_image)
+    rpn = train_rpn(adapter, label_dir, work_dir / "rpn", train_settings, progress=progress, open_image=open_toy_image)
+    rpn.config.roi_settings = asdict(TOY_ROI)  # so `sdrpn ask --rpn` uses the grid's settings too
+    rpn.save(work_dir / "rpn")
+    return rpn
 
 
 @dataclass

@@ -158,8 +158,12 @@ def grid_crop_box(target_box, size: int, rng: np.random.Generator):
     c1, r1 = int(math.ceil(x1 / cell)), int(math.ceil(y1 / cell))
     if rng.random() < 0.3:
         side = int(rng.integers(4))
-        c0, r0, c1, r1 = [max(c0 - 1, 0), c0, c0, c0][side], [r0, max(r0 - 1, 0), r0, r0][side], \
-            [c1, c1, min(c1 + 1, GRID), c1][side], [r1, r1, r1, min(r1 + 1, GRID)][side]
+        c0, r0, c1, r1 = (
+            [max(c0 - 1, 0), c0, c0, c0][side],
+            [r0, max(r0 - 1, 0), r0, r0][side],
+            [c1, c1, min(c1 + 1, GRID), c1][side],
+            [r1, r1, r1, min(r1 + 1, GRID)][side],
+        )
         r0, c0 = min(r0, r1 - 1), min(c0, c1 - 1)
     return tuple(int(round(v * cell)) for v in (c0, r0, c1, r1))
 
