@@ -78,6 +78,8 @@ class RecipeArgs:
     other_scene_frac: float = 0.1  # of pairs: crop of another scene's target
     drop_frac: float = 0.3  # of target crops: drop a random part of the tokens off the target
     grid_frac: float = 0.4  # of target crops: grid-aligned boxes, as an RoI on the scene's token grid gives
+    pair_fine: float = 0.6  # question mix of scene + crop pairs: fine, coarse, the rest yes/no
+    pair_coarse: float = 0.25
     aux_weight: float = 0.3  # per-patch heads during stage b
     vision_lr_mult: float = 0.3  # stage-b learning rate of the vision tower + projector, relative to lr
     pool: int = 2000  # scenes held in memory; a quarter is re-rendered every refresh_every steps
@@ -369,7 +371,7 @@ def draw_example(pool: Pool, rng: np.random.Generator, args: RecipeArgs, pair: b
     if pair is None:
         pair = rng.random() < args.pair_frac
     if qtype is None:
-        w = [0.6, 0.25, 0.15] if pair else [0.3, 0.45, 0.25]
+        w = [args.pair_fine, args.pair_coarse, 1 - args.pair_fine - args.pair_coarse] if pair else [0.3, 0.45, 0.25]
         qtype = W.QTYPES[int(rng.choice(3, p=w))]
     question, answer, _ = W.ask(scene, qtype, rng)
     ex = {
