@@ -35,6 +35,9 @@ class PromptBatch:
     grid: tuple[int, int]  # (H, W) of the visual-token grid, row-major over visual_positions
     geometries: list[Geometry]  # how each original image maps onto the grid
     images: list[Image.Image] = field(default_factory=list)  # the original RGB images (for cropping)
+    # Cache of the adapter's input_embeddings: the vision tower runs once per batch, however many stages
+    # (RoI prediction, decoding) use it.
+    embeddings: torch.Tensor | None = field(default=None, repr=False)
 
     @property
     def size(self) -> int:
@@ -107,9 +110,9 @@ class FamilyAdapter(ABC):
     def run_layers(self, hidden: torch.Tensor, batch: PromptBatch, layers: list[nn.Module]) -> torch.Tensor:
         """Run `layers` on hidden states (B, T, D) of `batch`; returns the last layer's output (no norm)."""
 
-    @abstractmethod
     def prefix_hidden(self, batch: PromptBatch, num_layers: int) -> torch.Tensor:
         """Hidden states (B, T, D) after the first `num_layers` decoder layers (no final norm)."""
+        return self.run_layers(self.input_embeddings(batch), batch, list(self.decoder_layers)[:num_layers])
 
     @contextmanager
     @abstractmethod
@@ -123,7 +126,7 @@ class FamilyAdapter(ABC):
 
     @abstractmethod
     def input_embeddings(self, batch: PromptBatch) -> torch.Tensor:
-        """Embeddings (B, T, D) of the prompt with the image's visual tokens in place."""
+        """Embeddings (B, T, D) of the prompt with the image's visual tokens in place (cached on the batch)."""
 
     @abstractmethod
     def generate(

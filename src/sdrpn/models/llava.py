@@ -166,11 +166,6 @@ class LlavaAdapter(FamilyAdapter):
         finally:
             language_model.layers, language_model.norm = saved
 
-    def prefix_hidden(self, batch: PromptBatch, num_layers: int) -> torch.Tensor:
-        with self._swapped_layers(list(self.decoder_layers)[:num_layers]):
-            out = self.model.model(**batch.inputs, position_ids=batch.position_ids, use_cache=False)
-        return out.last_hidden_state
-
     def run_layers(self, hidden: torch.Tensor, batch: PromptBatch, layers: list[nn.Module]) -> torch.Tensor:
         if not layers:
             return hidden
@@ -207,14 +202,15 @@ class LlavaAdapter(FamilyAdapter):
         geometries = [Geometry.pad_to_square(*image.size, side, side) for image in images]
         return features, geometries
 
+    @torch.no_grad()
     def input_embeddings(self, batch: PromptBatch) -> torch.Tensor:
-        input_ids = batch.inputs["input_ids"]
-        embeds = self.model.get_input_embeddings()(input_ids)
-        visual = torch.stack(self._image_features(batch.inputs["pixel_values"])).to(embeds.dtype)
-        rows = torch.arange(len(visual), device=embeds.device)[:, None]
-        embeds = embeds.clone()
-        embeds[rows, batch.visual_positions] = visual
-        return embeds
+        if batch.embeddings is None:
+            embeds = self.model.get_input_embeddings()(batch.inputs["input_ids"])
+            visual = torch.stack(self._image_features(batch.inputs["pixel_values"])).to(embeds.dtype)
+            rows = torch.arange(len(visual), device=embeds.device)[:, None]
+            embeds[rows, batch.visual_positions] = visual
+            batch.embeddings = embeds
+        return batch.embeddings
 
     def generate(
         self,
