@@ -148,6 +148,21 @@ def test_directory_as_image_exits_2(model_dir, tmp_path, capsys):
     _one_line_error(capsys, "directory")
 
 
+def test_window_crops_squares_of_that_many_tokens(model_dir, rpn_dir, image_path, capsys):
+    argv = _ask(model_dir, image_path, "--rpn", str(rpn_dir), "--tau", "0.69", "--window", "1.5", "--json")
+    assert main(argv) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["boxes"], "no region: the window is not exercised"
+    side = round(1.5 * max(IMAGE_SIZE) / 4)  # the 4 x 4 grid covers the padded square
+    for x0, y0, x1, y1 in result["boxes"]:
+        assert (x1 - x0, y1 - y0) == (min(side, IMAGE_SIZE[0]), min(side, IMAGE_SIZE[1]))
+
+
+def test_negative_window_exits_2(model_dir, rpn_dir, image_path, capsys):
+    assert main(_ask(model_dir, image_path, "--rpn", str(rpn_dir), "--window", "-2")) == 2
+    _one_line_error(capsys, "window", "-2")
+
+
 def test_tau_out_of_range_exits_2(model_dir, rpn_dir, image_path, tmp_path, capsys):
     overlay = tmp_path / "never.png"
     assert main(_ask(model_dir, image_path, "--rpn", str(rpn_dir), "--tau", "1.5", "--save-overlay", str(overlay))) == 2

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -282,6 +284,28 @@ def test_predict_roi_boxes_are_pixels_inside_a_non_square_image(adapter, sharp_r
     ux0, uy0, ux1, uy1 = prediction.union_box
     assert 0 <= ux0 < ux1 <= 160 and 0 <= uy0 < uy1 <= 60
     assert zoom.predict_roi([image], ["where ?"], method="base") == []
+
+
+@pytest.mark.parametrize("method", ["sdrpn", "raw-attention"])
+def test_windows_replace_token_boxes_and_masked_upscaling_keeps_their_tokens(adapter, sharp_rpn, method):
+    roi = RoiSettings(tau=0.6, max_side_frac=1.0, window=1.5)
+    zoom = Zoom(adapter, sharp_rpn, InferSettings(roi=roi, max_new_tokens=NEW_TOKENS))
+    images = _images()
+    predictions = zoom.predict_roi(images, BATCH_QUESTIONS, method=method)
+    assert any(p.boxes for p in predictions), f"{method} proposed no region"
+    for image, prediction in zip(images, predictions):
+        assert len(prediction.boxes) == len(prediction.regions.boxes)
+        side = 1.5 * prediction.geometry.cell_width  # square canvas: cells are square
+        for x0, y0, x1, y1 in prediction.boxes:
+            assert 0 <= x0 < x1 <= image.width and 0 <= y0 < y1 <= image.height
+            assert x1 - x0 == min(math.ceil(side), image.width) and y1 - y0 == min(math.ceil(side), image.height)
+    results = zoom.ask_batch(images, BATCH_QUESTIONS, method=method, upscale="mask")
+    for result, prediction in zip(results, predictions):
+        assert result.boxes == prediction.boxes
+        if len(prediction.boxes) == 1:  # one window: the masked crop is the window, all its tokens on the image
+            assert result.extra_tokens > 0
+    box_results = zoom.ask_batch(images, BATCH_QUESTIONS, method=method, upscale="box")
+    assert [r.extra_tokens for r in box_results] == [16 * len(p.boxes) for p in predictions]
 
 
 # --- bad input ------------------------------------------------------------------------------------

@@ -15,14 +15,19 @@ import pytest
 from sdrpn.errors import SdrpnError
 from sdrpn.roi import (
     Geometry,
+    RoiRegions,
     RoiSettings,
     best_window,
+    centre_of_mass,
     crop_token_mask,
+    crop_tokens_in_boxes,
     expand_box_px,
     find_regions,
     grid_box_to_pixels,
     probability_grid,
     sigmoid,
+    union_px,
+    windows_px,
 )
 
 NO_SMOOTH = RoiSettings(sigma=0.0)
@@ -274,6 +279,62 @@ def test_crop_token_mask_rejects_mismatched_inputs():
         crop_token_mask(np.ones((12, 12), dtype=bool), g, (0, 0, 120, 120), cg)
     with pytest.raises(SdrpnError):
         crop_token_mask(np.ones((24, 24), dtype=bool), g, (0, 0, 300, 120), cg)
+
+
+# --- windows: sub-token centred crops ----------------------------------------------------------
+
+
+def test_centre_of_mass_is_sub_token_and_uses_the_neighbours_below_threshold():
+    prob = np.zeros((7, 7))
+    prob[3, 3] = 0.9  # the region
+    prob[3, 4] = 0.3  # below tau, but says the object leans right
+    row, col = centre_of_mass(prob, (3, 3, 4, 4))
+    assert row == pytest.approx(3.5)
+    assert col == pytest.approx((3.5 * 0.9 + 4.5 * 0.3) / 1.2)
+    prob[3, 6] = 5.0  # two tokens away: not the region's neighbour, ignored
+    assert centre_of_mass(prob, (3, 3, 4, 4)) == pytest.approx((row, col))
+
+
+def test_centre_of_mass_of_an_empty_region_is_its_box_centre():
+    assert centre_of_mass(np.zeros((7, 7)), (1, 2, 3, 5)) == (2.0, 3.5)
+
+
+def test_windows_are_squares_of_the_given_tokens_centred_on_the_mass():
+    g = Geometry.identity(700, 700, 7, 7)  # 100 px cells
+    prob = np.zeros((7, 7))
+    prob[2, 2], prob[2, 3] = 1.0, 1.0  # mass centred on the border between the two cells: x = 300
+    regions = RoiRegions(probability=prob, mask=prob > 0.5, boxes=[(2, 2, 3, 4)])
+    (box,) = windows_px(regions, g, 1.0)
+    x0, y0, x1, y1 = box
+    assert (x1 - x0, y1 - y0) == (100, 100)
+    assert abs((x0 + x1) / 2 - 300) <= 1 and abs((y0 + y1) / 2 - 250) <= 1
+    # the token box would have put the mass at the crop's centre only by luck; the window always does
+    assert grid_box_to_pixels((2, 2, 3, 4), g) == (200, 200, 400, 300)
+
+
+def test_windows_are_shifted_inside_the_image_and_follow_the_padding():
+    g = Geometry.pad_to_square(700, 350, 7, 7)  # 100 px cells, 175 px of padding above and below
+    prob = np.zeros((7, 7))
+    prob[2, 0] = 1.0  # top-left image corner: cell centre x = 50, y = 250 - 175 = 75
+    regions = RoiRegions(probability=prob, mask=prob > 0.5, boxes=[(2, 0, 3, 1)])
+    (box,) = windows_px(regions, g, 1.5)
+    assert box == (0, 0, 150, 150)
+    assert union_px([box, (400, 100, 500, 200)]) == (0, 0, 500, 200)
+
+
+def test_crop_tokens_in_boxes_keeps_only_tokens_inside_a_window():
+    g = Geometry.identity(240, 240, 24, 24)
+    cg = Geometry.identity(120, 120, 12, 12)  # the crop (60..180) at 10 px per token
+    out = crop_tokens_in_boxes([(60, 60, 120, 180)], g, (60, 60, 180, 180), cg)
+    expected = np.zeros((12, 12), dtype=bool)
+    expected[:, :6] = True
+    np.testing.assert_array_equal(out, expected)
+    assert crop_tokens_in_boxes([(60, 60, 180, 180)], g, (60, 60, 180, 180), cg).all()
+
+
+def test_settings_reject_a_negative_window():
+    with pytest.raises(SdrpnError, match="window"):
+        RoiSettings(window=-1.0)
 
 
 # --- best_window ----------------------------------------------------------------------------

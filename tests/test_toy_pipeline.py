@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import math
+from dataclasses import replace
 
 import pytest
 
 from sdrpn.cli import main
 from sdrpn.models import load_model
 from sdrpn.models.tiny import TinyLlavaSpec, build_tiny_llava
+from sdrpn.roi import grid_box_to_pixels
 from sdrpn.rpn import RegionProposalNetwork
 from sdrpn.toyworld import pipeline, world
 
@@ -84,7 +87,16 @@ def test_bench_toy_json_and_resume(shipped, tmp_path, capsys, monkeypatch):
     ]
     assert main(argv) == 0
     result = json.loads((tmp_path / "bench.json").read_text())
-    expected = {"base", "full_resolution", "oracle_crop", "raw_attention", "vicrop", "sdrpn_box", "sdrpn_mask"}
+    expected = {
+        "base",
+        "full_resolution",
+        "oracle_crop",
+        "raw_attention",
+        "vicrop",
+        "sdrpn_box",
+        "sdrpn_mask",
+        "sdrpn_token_boxes",
+    }
     assert set(result["methods"]) == expected
     for row in result["methods"].values():
         assert set(row["accuracy"]) <= {"fine", "coarse", "yesno", "overall"} and "overall" in row["accuracy"]
@@ -100,3 +112,16 @@ def test_bench_toy_json_and_resume(shipped, tmp_path, capsys, monkeypatch):
     first = capsys.readouterr().out
     assert main(argv) == 0  # everything cached: same table again
     assert capsys.readouterr().out.split("SD-RPN RoI stage")[0] == first.split("SD-RPN RoI stage")[0]
+
+
+def test_toy_zoom_crops_one_token_windows_and_the_token_box_variant_does_not(shipped):
+    adapter, network = pipeline.load_toy()
+    zoom = pipeline.make_zoom(adapter, network, replace(pipeline.TOY_ROI, tau=0.01, max_side_frac=1.0))
+    sample = world.render_sample(5, "fine")
+    (windowed,) = zoom.predict_roi([sample.image], [sample.question])
+    (boxed,) = pipeline.without_window(zoom).predict_roi([sample.image], [sample.question])
+    assert windowed.boxes and boxed.boxes
+    cell = sample.image.size[0] / windowed.geometry.grid_width
+    for x0, y0, x1, y1 in windowed.boxes:
+        assert x1 - x0 == y1 - y0 == math.ceil(pipeline.TOY_ROI.window * cell)
+    assert boxed.boxes == [grid_box_to_pixels(b, boxed.geometry) for b in boxed.regions.boxes]

@@ -83,6 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--method", choices=("sdrpn", "base", "raw-attention", "vicrop"), default=None)
     ask.add_argument("--upscale", choices=("mask", "box"), default="mask")
     ask.add_argument("--tau", type=float, default=None, help="RoI threshold in (0, 1) (default 0.15)")
+    ask.add_argument(
+        "--window",
+        type=float,
+        default=None,
+        help="crop a square of this many tokens centred on each region's mass (0 = the region's token box)",
+    )
     ask.add_argument("--max-new-tokens", type=int, default=128)
     ask.add_argument("--save-overlay", default=None, help="write a PNG of the image, RoI map and boxes")
     ask.add_argument("--json", action="store_true", help="print the whole result as JSON")
@@ -175,6 +181,7 @@ def cmd_ask(args) -> int:
         method=args.method,
         upscale=args.upscale,
         tau=args.tau,
+        window=args.window,
         max_new_tokens=args.max_new_tokens,
     )
     result = zoom.ask(image, args.question)

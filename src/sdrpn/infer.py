@@ -27,10 +27,13 @@ from sdrpn.roi import (
     RoiSettings,
     best_window,
     crop_token_mask,
+    crop_tokens_in_boxes,
     find_regions,
     grid_box_to_pixels,
     image_cells,
     probability_grid,
+    union_px,
+    windows_px,
 )
 from sdrpn.rpn import RegionProposalNetwork, load_rpn
 
@@ -142,8 +145,12 @@ class Zoom:
                 regions = RoiRegions(probability=probability, mask=mask, boxes=[box])
             else:
                 regions = find_regions(probability, self.settings.roi)
-            boxes = [grid_box_to_pixels(b, geometry) for b in regions.boxes]
-            union = grid_box_to_pixels(regions.union_box, geometry) if regions.boxes else None
+            if self.settings.roi.window > 0 and method != "vicrop":
+                boxes = windows_px(regions, geometry, self.settings.roi.window)
+                union = union_px(boxes) if boxes else None
+            else:
+                boxes = [grid_box_to_pixels(b, geometry) for b in regions.boxes]
+                union = grid_box_to_pixels(regions.union_box, geometry) if regions.boxes else None
             predictions.append(RoiPrediction(probability, regions, boxes, union, geometry))
         return predictions
 
@@ -167,7 +174,10 @@ class Zoom:
     def _masked(self, image: Image.Image, prediction: RoiPrediction) -> torch.Tensor:
         box = prediction.union_box
         features, geometries = self.adapter.encode_images([image.crop(box)])
-        keep = crop_token_mask(prediction.regions.mask, prediction.geometry, box, geometries[0])
+        if self.settings.roi.window > 0:  # windows are pixel regions: keep the tokens inside them
+            keep = crop_tokens_in_boxes(prediction.boxes, prediction.geometry, box, geometries[0])
+        else:
+            keep = crop_token_mask(prediction.regions.mask, prediction.geometry, box, geometries[0])
         return features[0][torch.from_numpy(keep.reshape(-1)).to(features[0].device)]
 
     def ask_batch(self, images, questions, method: str | None = None, upscale: str | None = None) -> list[ZoomResult]:
@@ -258,6 +268,7 @@ def load(
     method: str | None = None,
     upscale: str = "mask",
     tau: float | None = None,
+    window: float | None = None,
     max_new_tokens: int = 128,
     dtype: torch.dtype | None = None,
     device: str | None = None,
@@ -268,7 +279,8 @@ def load(
     if network is not None:
         network.to(adapter.device, adapter.dtype).eval()
     roi = RoiSettings(**network.config.roi_settings) if network is not None else RoiSettings()
-    roi = roi if tau is None else replace(roi, tau=tau)  # the RPN's own defaults, then the caller's tau
+    roi = roi if tau is None else replace(roi, tau=tau)  # the RPN's own defaults, then the caller's choices
+    roi = roi if window is None else replace(roi, window=window)
     settings = InferSettings(
         method=method or ("sdrpn" if network is not None else "base"),
         upscale=upscale,

@@ -77,6 +77,7 @@ class RoiSettings:
     grow_below: int = 4
     grow_to: int = 3
     max_side_frac: float = 15 / 24
+    window: float = 0.0  # > 0: crop a square of this many tokens centred on each region's mass (see windows_px)
 
     def __post_init__(self) -> None:
         if not (0 < self.tau < 1):
@@ -93,6 +94,8 @@ class RoiSettings:
             raise SdrpnError(f"grow_to must be an integer >= 1, got {self.grow_to!r}")
         if not (0 < self.max_side_frac <= 1):
             raise SdrpnError(f"max_side_frac must be in (0, 1], got {self.max_side_frac!r}")
+        if not (math.isfinite(self.window) and self.window >= 0):
+            raise SdrpnError(f"window must be >= 0 tokens (0 = crop the region's token box), got {self.window!r}")
 
 
 @dataclass
@@ -232,17 +235,12 @@ def grid_box_to_pixels(box: GridBox, geometry: Geometry) -> PixelBox:
     return (x0, y0, x1, y1)
 
 
-def crop_token_mask(mask: np.ndarray, geometry: Geometry, crop_box_px: PixelBox, crop_geometry: Geometry) -> np.ndarray:
-    """Which of the crop's tokens to keep for masked upscaling (the B o E_v(x) of Eq. 8).
+def _crop_token_centres(geometry: Geometry, crop_box_px: PixelBox, crop_geometry: Geometry):
+    """Where each crop token's cell centre lies in the ORIGINAL image: (on_image, x, y), all (h, w).
 
-    Each crop token's cell centre is mapped to the crop image, then to the original image
-    (crop_geometry's image may be the crop resized: the ratio to the box is undone), then to the
-    original grid; the token is kept when that cell is in ``mask``. Centres on the crop's padding
-    are never kept: they show no part of the image.
+    The centre is mapped to the crop image, then to the original image (crop_geometry's image may be
+    the crop resized: the ratio to the box is undone). Centres on the crop's padding are not on_image.
     """
-    mask = np.asarray(mask, dtype=bool)
-    if mask.shape != (geometry.grid_height, geometry.grid_width):
-        raise SdrpnError(f"mask has shape {mask.shape}, expected ({geometry.grid_height}, {geometry.grid_width})")
     x0, y0, x1, y1 = (int(v) for v in crop_box_px)
     if not (0 <= x0 < x1 <= geometry.image_width and 0 <= y0 < y1 <= geometry.image_height):
         raise SdrpnError(
@@ -252,12 +250,77 @@ def crop_token_mask(mask: np.ndarray, geometry: Geometry, crop_box_px: PixelBox,
     cg = crop_geometry
     u = (np.arange(cg.grid_width) + 0.5) * cg.cell_width - cg.offset_x  # crop-image pixels
     v = (np.arange(cg.grid_height) + 0.5) * cg.cell_height - cg.offset_y
-    inside = (v >= 0)[:, None] & (v < cg.image_height)[:, None] & (u >= 0) & (u < cg.image_width)
-    x = x0 + u * ((x1 - x0) / cg.image_width)  # original-image pixels
-    y = y0 + v * ((y1 - y0) / cg.image_height)
+    on_image = (v >= 0)[:, None] & (v < cg.image_height)[:, None] & (u >= 0) & (u < cg.image_width)
+    x = np.broadcast_to(x0 + u * ((x1 - x0) / cg.image_width), on_image.shape)
+    y = np.broadcast_to((y0 + v * ((y1 - y0) / cg.image_height))[:, None], on_image.shape)
+    return on_image, x, y
+
+
+def crop_token_mask(mask: np.ndarray, geometry: Geometry, crop_box_px: PixelBox, crop_geometry: Geometry) -> np.ndarray:
+    """Which of the crop's tokens to keep for masked upscaling (the B o E_v(x) of Eq. 8): those whose
+    centre falls on an original grid cell that is in ``mask``. Padding of the crop is never kept."""
+    mask = np.asarray(mask, dtype=bool)
+    if mask.shape != (geometry.grid_height, geometry.grid_width):
+        raise SdrpnError(f"mask has shape {mask.shape}, expected ({geometry.grid_height}, {geometry.grid_width})")
+    on_image, x, y = _crop_token_centres(geometry, crop_box_px, crop_geometry)
     cols = np.clip(np.floor((x + geometry.offset_x) / geometry.cell_width), 0, geometry.grid_width - 1)
     rows = np.clip(np.floor((y + geometry.offset_y) / geometry.cell_height), 0, geometry.grid_height - 1)
-    return inside & mask[np.ix_(rows.astype(int), cols.astype(int))]
+    return on_image & mask[rows.astype(int), cols.astype(int)]
+
+
+def crop_tokens_in_boxes(
+    boxes_px: list[PixelBox], geometry: Geometry, crop_box_px: PixelBox, crop_geometry: Geometry
+) -> np.ndarray:
+    """Masked upscaling for pixel regions (windows): keep the crop's tokens whose centre is in a box."""
+    on_image, x, y = _crop_token_centres(geometry, crop_box_px, crop_geometry)
+    inside = np.zeros(on_image.shape, dtype=bool)
+    for bx0, by0, bx1, by1 in boxes_px:
+        inside |= (x >= bx0) & (x < bx1) & (y >= by0) & (y < by1)
+    return on_image & inside
+
+
+def centre_of_mass(probability: np.ndarray, box: GridBox) -> tuple[float, float]:
+    """(row, col) of a region's probability mass in grid units (cell centres at +0.5), sub-token precise.
+
+    The mass is taken over the region's box grown by one token on each side: the neighbours below the
+    threshold say on which side of the hot token the object lies. A region without mass -> box centre.
+    """
+    prob = _check_map(probability, "probability map")
+    r0, c0, r1, c1 = box
+    r0, c0 = max(r0 - 1, 0), max(c0 - 1, 0)
+    r1, c1 = min(r1 + 1, prob.shape[0]), min(c1 + 1, prob.shape[1])
+    weights = prob[r0:r1, c0:c1]
+    total = weights.sum()
+    if total <= 0:
+        return (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+    rows, cols = np.mgrid[r0:r1, c0:c1] + 0.5
+    return float((rows * weights).sum() / total), float((cols * weights).sum() / total)
+
+
+def windows_px(regions: RoiRegions, geometry: Geometry, side_tokens: float) -> list[PixelBox]:
+    """A square of ``side_tokens`` tokens per region, centred on its mass, in original pixels.
+
+    Why: on a coarse grid (a token as large as the detail) a region's token box puts the detail anywhere
+    in the crop, often at its edge; a window centred on the mass keeps it near the crop's centre at
+    the scale of one token. Windows are shifted (not cut) to lie inside the image.
+    """
+    side_px = side_tokens * max(geometry.cell_width, geometry.cell_height)
+    size = (geometry.image_width, geometry.image_height)
+    windows = []
+    for box in regions.boxes:
+        row, col = centre_of_mass(regions.probability, box)
+        x, y = col * geometry.cell_width - geometry.offset_x, row * geometry.cell_height - geometry.offset_y
+        x = min(max(x, 0.0), size[0] - 1.0)
+        y = min(max(y, 0.0), size[1] - 1.0)
+        seed_px = (math.floor(x), math.floor(y), math.floor(x) + 1, math.floor(y) + 1)
+        windows.append(expand_box_px(seed_px, size, min_side=math.ceil(side_px)))
+    return windows
+
+
+def union_px(boxes: list[PixelBox]) -> PixelBox:
+    """The smallest pixel box holding all boxes (the masked-upscaling crop of windows)."""
+    x0s, y0s, x1s, y1s = zip(*boxes)
+    return (min(x0s), min(y0s), max(x1s), max(y1s))
 
 
 def best_window(

@@ -93,6 +93,7 @@ class RecipeArgs:
     vision_hidden: int = 192
     text_hidden: int = 192
     text_layers: int = 4
+    vision_layers: int = 1
 
 
 # ----------------------------------------------------------------------------------------------
@@ -509,7 +510,7 @@ def spec_for(args: RecipeArgs) -> TinyLlavaSpec:
         image_size=W.INPUT_SIZE,
         patch_size=16,
         vision_hidden=args.vision_hidden,
-        vision_layers=1,
+        vision_layers=args.vision_layers,
         vision_heads=3,
         text_hidden=args.text_hidden,
         text_layers=args.text_layers,
