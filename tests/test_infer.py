@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 import sdrpn
+from sdrpn.attention import teacher_attention
 from sdrpn.errors import SdrpnError
 from sdrpn.infer import GENERIC_PROMPT, InferSettings, RoiPrediction, Zoom, load
 from sdrpn.models import wrap_model
@@ -306,6 +307,19 @@ def test_windows_replace_token_boxes_and_masked_upscaling_keeps_their_tokens(ada
             assert result.extra_tokens > 0
     box_results = zoom.ask_batch(images, BATCH_QUESTIONS, method=method, upscale="box")
     assert [r.extra_tokens for r in box_results] == [16 * len(p.boxes) for p in predictions]
+
+
+def test_raw_attention_uses_the_heads_the_rpn_was_distilled_from(adapter):
+    torch.manual_seed(0)
+    rpn = RegionProposalNetwork(adapter, 2, 3).eval()
+    assert Zoom(adapter, rpn).teacher_heads() == adapter.default_label_heads()  # no label settings recorded
+    rpn.config.label_settings = {"label_heads": {"3": [0, 1]}}  # as JSON stores it
+    zoom = Zoom(adapter, rpn, InferSettings(max_new_tokens=NEW_TOKENS))
+    assert zoom.teacher_heads() == {3: [0, 1]} != adapter.default_label_heads()
+    batch = zoom._prepare(_images(), BATCH_QUESTIONS)
+    maps = zoom.roi_maps(batch, "raw-attention")
+    expected = teacher_attention(adapter, batch, {3: [0, 1]}, max_new_tokens=NEW_TOKENS).roi_maps
+    np.testing.assert_allclose(maps, (expected / expected.flatten(1).amax(-1)[:, None, None]).numpy(), atol=1e-6)
 
 
 # --- bad input ------------------------------------------------------------------------------------

@@ -80,6 +80,8 @@ def test_bench_toy_json_and_resume(shipped, tmp_path, capsys, monkeypatch):
         "12",
         "--sweep",
         "6",
+        "--rpn-seeds",
+        "1",
         "--timing-samples",
         "2",
         "--json",
@@ -109,6 +111,7 @@ def test_bench_toy_json_and_resume(shipped, tmp_path, capsys, monkeypatch):
         "rpn_label_assignment_sink_removal",
     }
     assert set(result["data_size_sweep"]) == {"6", "12"}
+    assert set(result["rpn_training_seeds"]) == {"1"}
     first = capsys.readouterr().out
     assert main(argv) == 0  # everything cached: same table again
     assert capsys.readouterr().out.split("SD-RPN RoI stage")[0] == first.split("SD-RPN RoI stage")[0]
@@ -125,3 +128,9 @@ def test_toy_zoom_crops_one_token_windows_and_the_token_box_variant_does_not(shi
     for x0, y0, x1, y1 in windowed.boxes:
         assert x1 - x0 == y1 - y0 == math.ceil(pipeline.TOY_ROI.window * cell)
     assert boxed.boxes == [grid_box_to_pixels(b, boxed.geometry) for b in boxed.regions.boxes]
+
+
+def test_bench_rejects_a_bad_list_with_one_line(capsys):
+    assert main(["bench", "toy", "--sweep", "250,many"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--sweep" in err[0] and "many" in err[0]

@@ -112,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--rpn", default=None, help="RPN to benchmark (default: the shipped one)")
     bench.add_argument("--label-samples", type=int, default=2000)
     bench.add_argument("--sweep", default="250,1000", help="data sizes for the sweep ('' to skip)")
+    bench.add_argument(
+        "--rpn-seeds", default="1,2", help="train the SD-RPN again with these seeds, to show the spread ('' to skip)"
+    )
     bench.add_argument("--no-ablations", action="store_true")
     bench.add_argument("--timing-samples", type=int, default=40)
     return parser
@@ -219,10 +222,18 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _int_list(text: str, option: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(item) for item in text.split(",") if item.strip())
+    except ValueError:
+        raise SdrpnError(f"{option} takes comma-separated integers, got {text!r}") from None
+
+
 def cmd_bench(args) -> int:
     from sdrpn.toyworld.bench import format_table, run_toy_bench
 
-    sweep = tuple(int(size) for size in args.sweep.split(",") if size.strip())
+    sweep = _int_list(args.sweep, "--sweep")
+    rpn_seeds = _int_list(args.rpn_seeds, "--rpn-seeds")
     result = run_toy_bench(
         seed=args.seed,
         n=args.n,
@@ -230,6 +241,7 @@ def cmd_bench(args) -> int:
         rpn=args.rpn,
         label_samples=args.label_samples,
         sweep=sweep,
+        rpn_seeds=rpn_seeds,
         ablations=not args.no_ablations,
         timing_samples=args.timing_samples,
     )

@@ -116,10 +116,18 @@ class Zoom:
             return np.stack([probability_grid(row.cpu().numpy(), *batch.grid) for row in last])
         if method == "raw-attention":
             output = teacher_attention(
-                self.adapter, batch, self.adapter.default_label_heads(), max_new_tokens=self.settings.max_new_tokens
+                self.adapter, batch, self.teacher_heads(), max_new_tokens=self.settings.max_new_tokens
             )
             return _max_normalised(output.roi_maps)
         return self._vicrop_maps(batch)
+
+    def teacher_heads(self) -> dict[int, list[int] | None]:
+        """The heads the RPN was distilled from (its label settings), else the model's default label heads:
+        raw attention is then exactly the map the RPN learnt to predict."""
+        heads = (self.rpn.config.label_settings or {}).get("label_heads") if self.rpn is not None else None
+        if not heads:
+            return self.adapter.default_label_heads()
+        return {int(layer): (list(h) if h is not None else None) for layer, h in heads.items()}
 
     def _vicrop_maps(self, batch: PromptBatch) -> np.ndarray:
         layer = self.settings.vicrop_layer

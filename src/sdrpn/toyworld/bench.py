@@ -50,6 +50,7 @@ def run_toy_bench(
     rpn: str | Path | None = None,
     label_samples: int = 2000,
     sweep: tuple[int, ...] = (250, 1000),
+    rpn_seeds: tuple[int, ...] = (1, 2),
     ablations: bool = True,
     timing_samples: int = 40,
 ) -> dict:
@@ -93,6 +94,14 @@ def run_toy_bench(
             trained = _train(adapter, label_dir, work / name, target=target)
             ladder[name] = _cached(work / f"{name}-{tag}.json", lambda rpn=trained: _accuracy_of(rpn))
         result["ablation_ladder"] = ladder
+        # The same SD-RPN, trained with other seeds: how far apart two RPNs of one recipe land, the yardstick
+        # for the ladder's steps.
+        seeds = {}
+        for rpn_seed in rpn_seeds:
+            trained = _train(adapter, label_dir, work / f"rpn_seed{rpn_seed}", seed=rpn_seed)
+            path = work / f"seed{rpn_seed}-{tag}.json"
+            seeds[str(rpn_seed)] = _cached(path, lambda rpn=trained: _accuracy_of(rpn))
+        result["rpn_training_seeds"] = seeds
     if sweep:
         sizes = {}
         for size in sorted({*sweep, label_samples}):
@@ -117,7 +126,7 @@ def format_table(result: dict) -> str:
         cells = [f"{100 * row['accuracy'].get(q, float('nan')):.1f}" for q in qtypes]
         throughput = row["relative_throughput"]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {throughput if throughput else '-'} |")
-    for section in ("ablation_ladder", "data_size_sweep"):
+    for section in ("ablation_ladder", "rpn_training_seeds", "data_size_sweep"):
         for name, accuracy in result.get(section, {}).items():
             cells = [f"{100 * accuracy.get(q, float('nan')):.1f}" for q in qtypes]
             lines.append(f"| {section}: {name} | " + " | ".join(cells) + " | - |")
