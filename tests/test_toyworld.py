@@ -186,3 +186,14 @@ def test_shipped_demo_model_reloads_offline_and_answers():
     )
     assert int((two["input_ids"] == model.config.image_token_id).sum()) == 2 * N_TOKENS
     assert model(**two).logits.shape[1] == two["input_ids"].shape[1]
+
+
+def test_toy_label_layers_are_where_the_shipped_model_finds_the_target():
+    """The demo's label layers follow a rule on the recipe's attention log, not a guess: the layers whose
+    answer-predicting token (the last prompt token) puts its top attention on the target in >= 80% of scenes."""
+    from sdrpn.toyworld.pipeline import TOY_LABELS
+
+    hits = json.loads((WEIGHTS / "recipe.json").read_text())["metrics"]["attention"]["fine"]["last_prompt"]["top1_hit"]
+    chosen = {layer for layer, hit in enumerate(hits) if hit >= 0.8}
+    assert chosen and set(TOY_LABELS.label_heads) == chosen
+    assert all(heads is None for heads in TOY_LABELS.label_heads.values())
