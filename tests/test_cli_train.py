@@ -12,38 +12,14 @@ def test_label_then_train(model_dir, image_folder, tmp_path, capsys):
     with open(image_folder / "data.jsonl", "a") as data:
         data.write("{broken json\n")
         data.write(json.dumps({"image": "../outside.png", "question": "what ?"}) + "\n")
-    code = main(
-        [
-            "label",
-            "--model",
-            str(model_dir),
-            "--data",
-            str(image_folder / "data.jsonl"),
-            "--out",
-            str(tmp_path / "labels"),
-            "--max-new-tokens",
-            "3",
-            "--batch-size",
-            "5",
-        ]
-    )
+    label = ["label", "--model", str(model_dir), "--data", str(image_folder / "data.jsonl")]
+    label += ["--out", str(tmp_path / "labels"), "--max-new-tokens", "3"]
+    code = main([*label, "--batch-size", "5"])
     out, err = capsys.readouterr()
     assert code == 0
     assert "labelled 10, already done 0, bad 2" in out
     assert "data.jsonl:11" in err and "outside" in err
-    code = main(
-        [
-            "label",
-            "--model",
-            str(model_dir),
-            "--data",
-            str(image_folder / "data.jsonl"),
-            "--out",
-            str(tmp_path / "labels"),
-            "--max-new-tokens",
-            "3",
-        ]
-    )
+    code = main(label)  # again: everything is already labelled
     assert code == 0 and "labelled 0, already done 10" in capsys.readouterr().out
     code = main(
         [
