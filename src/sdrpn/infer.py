@@ -19,6 +19,7 @@ from PIL import Image
 from sdrpn.attention import prompt_attention, teacher_attention
 from sdrpn.errors import SdrpnError
 from sdrpn.images import load_image
+from sdrpn.labeling import LabelSettings
 from sdrpn.models import FamilyAdapter, PromptBatch, load_model
 from sdrpn.roi import (
     Geometry,
@@ -72,6 +73,7 @@ class RoiPrediction:
     boxes: list[PixelBox]  # one per region (box upscaling), original-image pixels
     union_box: PixelBox | None  # the masked-upscaling crop
     geometry: Geometry
+    windowed: bool = False  # boxes are windows (pixel regions), not the regions' token boxes
 
 
 @dataclass
@@ -124,10 +126,9 @@ class Zoom:
     def teacher_heads(self) -> dict[int, list[int] | None]:
         """The heads the RPN was distilled from (its label settings), else the model's default label heads:
         raw attention is then exactly the map the RPN learnt to predict."""
-        heads = (self.rpn.config.label_settings or {}).get("label_heads") if self.rpn is not None else None
-        if not heads:
-            return self.adapter.default_label_heads()
-        return {int(layer): (list(h) if h is not None else None) for layer, h in heads.items()}
+        recorded = self.rpn.config.label_settings if self.rpn is not None else None
+        heads = LabelSettings(**recorded).label_heads if recorded else None
+        return heads or self.adapter.default_label_heads()
 
     def _vicrop_maps(self, batch: PromptBatch) -> np.ndarray:
         layer = self.settings.vicrop_layer
@@ -153,13 +154,14 @@ class Zoom:
                 regions = RoiRegions(probability=probability, mask=mask, boxes=[box])
             else:
                 regions = find_regions(probability, self.settings.roi)
-            if self.settings.roi.window > 0 and method != "vicrop":
+            windowed = self.settings.roi.window > 0 and method != "vicrop"
+            if windowed:
                 boxes = windows_px(regions, geometry, self.settings.roi.window)
                 union = union_px(boxes) if boxes else None
             else:
                 boxes = [grid_box_to_pixels(b, geometry) for b in regions.boxes]
                 union = grid_box_to_pixels(regions.union_box, geometry) if regions.boxes else None
-            predictions.append(RoiPrediction(probability, regions, boxes, union, geometry))
+            predictions.append(RoiPrediction(probability, regions, boxes, union, geometry, windowed))
         return predictions
 
     def predict_roi(self, images, questions, method: str | None = None) -> list[RoiPrediction]:
@@ -182,7 +184,7 @@ class Zoom:
     def _masked(self, image: Image.Image, prediction: RoiPrediction) -> torch.Tensor:
         box = prediction.union_box
         features, geometries = self.adapter.encode_images([image.crop(box)])
-        if self.settings.roi.window > 0:  # windows are pixel regions: keep the tokens inside them
+        if prediction.windowed:  # windows are pixel regions: keep the tokens inside them
             keep = crop_tokens_in_boxes(prediction.boxes, prediction.geometry, box, geometries[0])
         else:
             keep = crop_token_mask(prediction.regions.mask, prediction.geometry, box, geometries[0])
