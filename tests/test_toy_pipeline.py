@@ -33,6 +33,10 @@ def test_toy_images_round_trip_through_references():
     sample = world.render_sample(11, "fine")
     reference = pipeline.toy_reference(sample)
     assert pipeline.open_toy_image(reference).tobytes() == sample.image.tobytes()
+    several = world.render_sample(11, "fine", objects=3)
+    assert pipeline.open_toy_image(pipeline.toy_reference(several)).tobytes() == several.image.tobytes()
+    mixed = pipeline.label_scenes(8, seed=3, binding_frac=0.25)
+    assert [s.attrs["objects"] for s in mixed] == [1] * 6 + [3] * 2
 
 
 def test_demo_runs_and_writes_overlays(shipped, tmp_path, capsys):

@@ -87,6 +87,45 @@ def test_answers_match_pixels():
         assert coarse[1] == s.attrs[{"colour": "colour", "shape": "shape", "where": "where"}[coarse[2]]]
 
 
+def test_scenes_of_several_objects_name_the_target_by_colour():
+    """Binding scenes: the target is drawn as in its one-object scene, the distractors differ from it and from
+    each other in colour and shape, keep clear of each other, and the questions name the target by colour."""
+    import pytest
+
+    for seed in W.sample_seeds(30, seed=6):
+        one, three = W.render_scene(seed), W.render_scene(seed, objects=3)
+        assert [three.shape, three.colour, three.mark, three.target_box] == [
+            one.shape,
+            one.colour,
+            one.mark,
+            one.target_box,
+        ]
+        objects = three.objects
+        assert len(objects) == 3 and objects[0].box == three.target_box
+        assert len({o.colour for o in objects}) == 3 and len({o.shape for o in objects}) == 3
+        for i, a in enumerate(objects):
+            for b in objects[i + 1 :]:
+                assert a.box[2] <= b.box[0] or b.box[2] <= a.box[0] or a.box[3] <= b.box[1] or b.box[3] <= a.box[1]
+        pixels = np.asarray(three.image, np.float32)
+        for o in objects:
+            mx0, my0, mx1, my1 = o.mark_box
+            assert _nearest(np.median(pixels[my0:my1, mx0:mx1].reshape(-1, 3), axis=0), W.MARK_COLOURS) == o.mark
+        rng = np.random.default_rng(seed)
+        question, answer, _ = W.ask(three, "fine", rng)
+        assert question == f"what colour is the mark on the {three.colour} object ?" and answer == three.mark
+        question, answer, sub = W.ask(three, "coarse", rng)
+        assert f"the {three.colour} object" in question and answer == {"shape": three.shape, "where": three.where}[sub]
+    samples = W.make_samples(40, seed=2, objects=3)
+    vocab = set(W.WORDS) | {"?"}
+    assert all(set(s.question.split()) <= vocab and s.attrs["objects"] == 3 for s in samples)
+    for s in samples:
+        if s.qtype == "yesno":
+            present = {o.colour for o in W.render_scene(s.seed, objects=3).objects}
+            assert (s.question.split()[3] in present) == (s.answer == "yes")
+    with pytest.raises(ValueError, match="objects must be"):
+        W.render_scene(1, objects=W.MAX_OBJECTS + 1)
+
+
 def test_to_input_matches_the_clip_processor_resize():
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
@@ -197,3 +236,25 @@ def test_toy_label_layers_are_where_the_shipped_model_finds_the_target():
     chosen = {layer for layer, hit in enumerate(hits) if hit >= 0.8}
     assert chosen and set(TOY_LABELS.label_heads) == chosen
     assert all(heads is None for heads in TOY_LABELS.label_heads.values())
+
+
+def test_recipe_probe_labels_follow_the_scene():
+    """Stage a's per-patch labels: a scene's target tokens carry its colour, shape and 3 x 3 cell, the
+    others "none"; a crop carries the mark where it is legible and no cell (its tokens are not at the
+    scene's places)."""
+    from sdrpn.toyworld import recipe as R
+
+    for seed in W.sample_seeds(20, seed=2):
+        scene = W.render_scene(seed)
+        colour, shape, mark, where = R.patch_labels(scene, (0, 0, *scene.image.size), is_crop=False)
+        held = R.target_tokens(scene.shape, scene.target_box, (0, 0, *scene.image.size))
+        assert held.any() and (colour[held] == 1 + W.OBJECT_COLOURS.index(scene.colour)).all()
+        assert set(where[held]) == {1 + R.WHERE_CELLS.index(scene.where)}
+        assert set(where[~held]) <= {0, -100} and (mark == -100).all()
+        box = W.oracle_crop_box(W.render_sample(seed))
+        colour, shape, mark, where = R.patch_labels(scene, R.padded_square(box), is_crop=True)
+        assert (where == -100).all()
+        assert (mark == 1 + W.MARK_COLOURS.index(scene.mark)).any()
+        assert (shape == 1 + W.SHAPES.index(scene.shape)).sum() >= 2  # the whole shape, over several tokens
+    corners = ["top left", "top right", "bottom left", "bottom right"]
+    assert R.WHERE_CELLS == [corners[0], "top", corners[1], "left", "centre", "right", corners[2], "bottom", corners[3]]

@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from sdrpn.errors import SdrpnError
+from sdrpn.files import atomic_write_json
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -117,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--no-ablations", action="store_true")
     bench.add_argument("--timing-samples", type=int, default=40)
+    bench.add_argument(
+        "--binding", type=int, default=0, help="also N scenes of three objects, the target named by colour (0 = skip)"
+    )
     return parser
 
 
@@ -244,11 +247,12 @@ def cmd_bench(args) -> int:
         rpn_seeds=rpn_seeds,
         ablations=not args.no_ablations,
         timing_samples=args.timing_samples,
+        binding=args.binding,
     )
     print(format_table(result))
     print(f"SD-RPN RoI stage / ViCrop RoI stage: {result['roi_stage_cost_sdrpn_over_vicrop']}")
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
+        atomic_write_json(args.json, result)
     return 0
 
 

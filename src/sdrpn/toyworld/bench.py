@@ -53,6 +53,7 @@ def run_toy_bench(
     rpn_seeds: tuple[int, ...] = (1, 2),
     ablations: bool = True,
     timing_samples: int = 40,
+    binding: int = 0,
 ) -> dict:
     work = Path(work_dir)
     adapter, network = pipeline.load_toy(rpn)
@@ -73,11 +74,13 @@ def run_toy_bench(
         "roi_stage_cost_sdrpn_over_vicrop": _ratio(methods, "sdrpn_mask", "vicrop"),
         "roi_settings": asdict(pipeline.TOY_ROI),
     }
+    if binding:
+        result["binding"] = _cached(work / f"binding-seed{seed}-n{binding}.json", lambda: _binding(zoom, seed, binding))
     if ablations or sweep:
         label_dir = work / "labels"
         pipeline.generate_labels(
             adapter,
-            pipeline.as_samples(world.make_samples(label_samples, pipeline.TOY_LABEL_SEED)),
+            pipeline.as_samples(pipeline.label_scenes(label_samples)),
             label_dir,
             pipeline.TOY_LABELS,
             batch_size=32,
@@ -113,6 +116,17 @@ def run_toy_bench(
     return result
 
 
+BINDING_METHODS = ("base", "oracle_crop", "raw_attention", "vicrop", "sdrpn_mask")
+
+
+def _binding(zoom, seed: int, n: int) -> dict:
+    """Scenes of three objects, the question naming the target by its colour: accuracy per method."""
+    samples = world.make_samples(n, seed, qtypes=["fine", "coarse"], objects=world.MAX_OBJECTS)
+    runners = {name: pipeline.method_runners()[name] for name in BINDING_METHODS}
+    runs = pipeline.run_methods(zoom, samples, runners, timing_samples=0)
+    return {name: pipeline.accuracy_by_type(samples, run.answers) for name, run in runs.items()}
+
+
 def _ratio(methods: dict, numerator: str, denominator: str) -> float | None:
     top, bottom = methods[numerator]["median_roi_stage_s"], methods[denominator]["median_roi_stage_s"]
     return None if not top or not bottom else round(top / bottom, 3)
@@ -126,7 +140,7 @@ def format_table(result: dict) -> str:
         cells = [f"{100 * row['accuracy'].get(q, float('nan')):.1f}" for q in qtypes]
         throughput = row["relative_throughput"]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {throughput if throughput else '-'} |")
-    for section in ("ablation_ladder", "rpn_training_seeds", "data_size_sweep"):
+    for section in ("ablation_ladder", "rpn_training_seeds", "data_size_sweep", "binding"):
         for name, accuracy in result.get(section, {}).items():
             cells = [f"{100 * accuracy.get(q, float('nan')):.1f}" for q in qtypes]
             lines.append(f"| {section}: {name} | " + " | ".join(cells) + " | - |")

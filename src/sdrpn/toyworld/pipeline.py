@@ -1,7 +1,8 @@
 """The whole paper on the toy world: self-distil an RPN for the shipped MLLM, then compare methods.
 
 Toy images are rendered from their seed, never written to disk: a sample's image reference is
-"toy:<seed>:<qtype>", which `open_toy_image` turns back into the scene.
+"toy:<seed>:<qtype>" (or "toy:<seed>:<qtype>:<objects>" for a scene of several objects), which
+`open_toy_image` turns back into the scene.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ TOY_ROI = RoiSettings(tau=0.5, sigma=0.5, min_tokens=1, grow_below=0, max_side_f
 TOY_LABELS = LabelSettings(label_heads={0: None, 1: None, 2: None}, max_new_tokens=4)
 TOY_TRAIN = TrainSettings(learning_rate=1e-3, batch_size=16, epochs=2, mixed_precision="no")
 TOY_LABEL_SEED = 1000  # training scenes; evaluation uses other seeds
+TOY_BINDING_FRAC = 0.0  # share of self-distillation scenes with three objects, the target named by colour
 ACCURACY_BATCH = 16
 
 
@@ -56,12 +58,21 @@ def load_toy(rpn: str | Path | None = None) -> tuple[FamilyAdapter, RegionPropos
 
 
 def toy_reference(sample: world.ToySample) -> str:
-    return f"toy:{sample.seed}:{sample.qtype}"
+    objects = sample.attrs.get("objects", 1)
+    return f"toy:{sample.seed}:{sample.qtype}" + (f":{objects}" if objects > 1 else "")
 
 
 def open_toy_image(reference: str | Path) -> Image.Image:
-    _, seed, _ = str(reference).split(":")
-    return world.render_scene(int(seed)).image
+    _, seed, _, *objects = str(reference).split(":")
+    return world.render_scene(int(seed), objects=int(objects[0]) if objects else 1).image
+
+
+def label_scenes(samples: int, seed: int = TOY_LABEL_SEED, binding_frac: float = TOY_BINDING_FRAC) -> list:
+    """The self-distillation scenes: one object each, and a ``binding_frac`` share of scenes of three objects
+    whose questions name the target by its colour."""
+    named = int(round(samples * binding_frac))
+    single = world.make_samples(samples - named, seed)
+    return single + world.make_samples(named, seed + 1, objects=world.MAX_OBJECTS) if named else single
 
 
 def as_samples(samples: list[world.ToySample]) -> list[Sample]:
@@ -77,12 +88,13 @@ def self_distill(
     label_settings: LabelSettings = TOY_LABELS,
     train_settings: TrainSettings = TOY_TRAIN,
     label_dir: str | Path | None = None,
+    binding_frac: float = TOY_BINDING_FRAC,
     progress: bool = True,
 ) -> RegionProposalNetwork:
     """Labels from the model's own attention on fresh scenes, then RPN training (paper Algorithm 1)."""
     work_dir = Path(work_dir)
     label_dir = Path(label_dir) if label_dir else work_dir / "labels"
-    toy = world.make_samples(samples, seed)
+    toy = label_scenes(samples, seed, binding_frac)
     generate_labels(
         adapter,
         as_samples(toy),

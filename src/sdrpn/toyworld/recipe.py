@@ -90,6 +90,8 @@ class RecipeArgs:
     pair_fine: float = 0.55  # question mix of scene + crop pairs: fine, coarse, the rest yes/no
     pair_coarse: float = 0.3
     aux_weight: float = 0.3  # per-patch heads during stage b
+    where_weight: float = 1.0  # the per-patch "where" probe on scene tokens (0 = off)
+    multi_frac: float = 0.0  # share of scenes with 2-3 objects, the target named by its colour (binding)
     vision_lr_mult: float = 0.3  # stage-b learning rate of the vision tower + projector, relative to lr
     pool: int = 2000  # scenes held in memory; a quarter is re-rendered every refresh_every steps
     refresh_every: int = 200
@@ -109,7 +111,7 @@ class RecipeArgs:
 # data: scenes, crops, per-patch labels, token sequences
 
 
-def _patch_fracs(mask_box, mask, box, size=None):
+def _patch_fracs(mask_box, mask, box):
     """Per-token coverage (GRID x GRID) of a boolean mask placed at mask_box (scene px), seen through
     the crop ``box`` (scene px): (fraction of the mask's area, fraction of the token's area)."""
     mx0, my0, mx1, my1 = mask_box
@@ -127,33 +129,50 @@ def _patch_fracs(mask_box, mask, box, size=None):
     return counts / area, counts / tok_area
 
 
-def patch_labels(scene: W.Scene, box, is_crop: bool):
-    """(colour, shape, mark) labels per token, 0 = none, -100 = ignored."""
-    size = scene.image.size[0]
-    s = scene.target_box[2] - scene.target_box[0]
-    obj = W.shape_mask(scene.shape, s)
-    f_obj, t_obj = _patch_fracs(scene.target_box, obj, box, size)
+WHERE_CELLS = [" ".join(w for w in (r, c) if w) or "centre" for r in W.ROWS for c in W.COLS]
+
+
+def _object_labels(obj: W.SceneObject, box, is_crop: bool) -> np.ndarray:
+    """(colour, shape, mark, where) labels per token for one object (see `patch_labels`)."""
+    f_obj, t_obj = _patch_fracs(obj.box, W.shape_mask(obj.shape, obj.box[2] - obj.box[0]), box)
     on = (f_obj >= 0.25) | (t_obj >= 0.2)
     near = (f_obj > 0) & ~on  # a sliver of the object: ignored
-    colour = np.where(on, 1 + W.OBJECT_COLOURS.index(scene.colour), 0)
-    shape = np.where(on, 1 + W.SHAPES.index(scene.shape), 0)
+    colour = np.where(on, 1 + W.OBJECT_COLOURS.index(obj.colour), 0)
+    shape = np.where(on, 1 + W.SHAPES.index(obj.shape), 0)
     colour[near] = -100
-    shape[near | (on & (f_obj < 0.25))] = -100  # a part of a shape does not show which shape it is
+    if is_crop:  # a crop shows the whole shape over several tokens; the tower's attention can gather it
+        shape[near] = -100
+    else:  # a scene token with a sliver of the shape does not show which shape it is
+        shape[near | (on & (f_obj < 0.25))] = -100
     if is_crop:
-        mb = scene.mark_box
-        mm = np.ones((mb[3] - mb[1], mb[2] - mb[0]), bool)
-        f_m, _ = _patch_fracs(mb, mm, box, size)
-        mark = np.where(f_m >= 0.2, 1 + W.MARK_COLOURS.index(scene.mark), 0)
+        mb = obj.mark_box
+        f_m, _ = _patch_fracs(mb, np.ones((mb[3] - mb[1], mb[2] - mb[0]), bool), box)
+        mark = np.where(f_m >= 0.2, 1 + W.MARK_COLOURS.index(obj.mark), 0)
         mark[(f_m > 0) & (f_m < 0.2)] = -100
+        where = np.full((GRID, GRID), -100)
     else:
         mark = np.full((GRID, GRID), -100)
-    return np.stack([colour, shape, mark]).reshape(3, N_TOK)
+        where = np.where(on, 1 + WHERE_CELLS.index(obj.where), 0)
+        where[near] = -100
+    return np.stack([colour, shape, mark, where]).reshape(4, N_TOK)
+
+
+def patch_labels(scene: W.Scene, box, is_crop: bool) -> np.ndarray:
+    """(colour, shape, mark, where) labels per token of every object, 0 = none, -100 = ignored (also where
+    two objects share a token). ``where`` (scenes only) is the object's 3 x 3 cell on the tokens that hold
+    it: the answer to "where" then lives in the token's content, not only in its place in the sequence,
+    which crop tokens inserted after the scene's shift."""
+    per_object = np.stack([_object_labels(obj, box, is_crop) for obj in scene.objects])
+    positive = per_object > 0
+    labels = np.where(positive.any(0), per_object.max(0), np.where((per_object == -100).any(0), -100, 0))
+    labels[positive.sum(0) > 1] = -100
+    return labels
 
 
 def target_tokens(shape: str, target_box, box) -> np.ndarray:
     """Boolean per-token mask of the tokens that hold the target (same rule as the colour label)."""
     s = target_box[2] - target_box[0]
-    f_obj, t_obj = _patch_fracs(target_box, W.shape_mask(shape, s), box, 0)
+    f_obj, t_obj = _patch_fracs(target_box, W.shape_mask(shape, s), box)
     return ((f_obj >= 0.25) | (t_obj >= 0.2)).reshape(N_TOK)
 
 
@@ -247,8 +266,8 @@ def image_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
 class Pool:
     """Scenes in memory at input resolution, with a few crops each and all labels; partly refreshed."""
 
-    def __init__(self, n: int, crops: int, seed: int, grid_frac: float = 0.0, centred_frac=0.5, shift_frac=0.0):
-        self.n, self.crops, self.grid_frac = n, crops, grid_frac
+    def __init__(self, n: int, crops: int, seed: int, grid_frac=0.0, centred_frac=0.5, shift_frac=0.0, multi_frac=0.0):
+        self.n, self.crops, self.grid_frac, self.multi_frac = n, crops, grid_frac, multi_frac
         self.centred_frac, self.shift_frac = centred_frac, shift_frac
         self.rng = np.random.default_rng([seed, 7])
         self.next_seed = 1_000_000 * (seed + 1)
@@ -257,7 +276,8 @@ class Pool:
     def _make(self) -> dict:
         seed = self.next_seed
         self.next_seed += 1
-        scene = W.render_scene(seed)
+        objects = 1 if self.rng.random() >= self.multi_frac else int(self.rng.integers(2, W.MAX_OBJECTS + 1))
+        scene = W.render_scene(seed, objects=objects)
         full = (0, 0, scene.image.size[0], scene.image.size[1])
         item = {
             "scene": scene,
@@ -368,18 +388,23 @@ def build_batch(model, batcher: Batcher, examples: list[dict], with_answer: bool
 
 
 class Heads(torch.nn.Module):
-    """Per-patch linear probes: object colour, object shape, mark colour (0 = none)."""
+    """Per-patch linear probes: object colour, object shape, mark colour, object's 3 x 3 cell (0 = none)."""
 
-    def __init__(self, d: int):
+    def __init__(self, d: int, where_weight: float = 1.0):
         super().__init__()
         self.colour = torch.nn.Linear(d, 1 + len(W.OBJECT_COLOURS))
         self.shape = torch.nn.Linear(d, 1 + len(W.SHAPES))
         self.mark = torch.nn.Linear(d, 1 + len(W.MARK_COLOURS))
+        self.where = torch.nn.Linear(d, 1 + len(WHERE_CELLS))
+        self.where_weight = where_weight
 
     def loss(self, feats: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Balanced CE: mean over positive patches + mean over 'none' patches, per head."""
         total = feats.new_zeros(())
-        for k, (head, w) in enumerate(((self.colour, 1.0), (self.shape, 1.0), (self.mark, 2.0))):
+        weighted = ((self.colour, 1.0), (self.shape, 1.0), (self.mark, 2.0), (self.where, self.where_weight))
+        for k, (head, w) in enumerate(weighted):
+            if w == 0:
+                continue
             y = labels[:, k].reshape(-1)
             logits = head(feats).reshape(-1, head.out_features)
             ce = F.cross_entropy(logits, y.clamp(min=0), reduction="none")
@@ -434,11 +459,11 @@ def draw_example(pool: Pool, rng: np.random.Generator, args: RecipeArgs, pair: b
 # evaluation
 
 
-def eval_examples(n: int, seed: int, qtype: str, mode: str):
+def eval_examples(n: int, seed: int, qtype: str, mode: str, objects: int = 1):
     """Fresh samples (seeds disjoint from training); mode: scene | oracle | crop3 | wrong."""
     out = []
     rng = np.random.default_rng([seed, 99])
-    for s in W.make_samples(n, seed, qtype):
+    for s in W.make_samples(n, seed, qtype, objects=objects):
         ex = {
             "scene_img": W.to_input(s.image),
             "crop_img": None,
@@ -507,18 +532,28 @@ def attention_on_target(model, batcher, examples) -> dict:
     return res
 
 
-def evaluate(model, batcher, n: int, seed: int) -> dict:
+def evaluate(model, batcher, n: int, seed: int, binding: bool = False) -> dict:
+    """Accuracy per question type from the scene alone and with crops; ``binding``: also on scenes of
+    three objects, the target named by its colour ("named/*")."""
     m = {}
     for qtype in W.QTYPES:
         m[f"scene/{qtype}"] = accuracy(model, batcher, eval_examples(n, seed, qtype, "scene"))
         m[f"oracle/{qtype}"] = accuracy(model, batcher, eval_examples(n, seed, qtype, "oracle"))
     m["crop3/fine"] = accuracy(model, batcher, eval_examples(n, seed, "fine", "crop3"))
     m["wrong/fine"] = accuracy(model, batcher, eval_examples(n, seed, "fine", "wrong"))
+    if binding:
+        for qtype in ("fine", "coarse"):
+            for mode in ("scene", "oracle"):
+                m[f"named/{mode}/{qtype}"] = accuracy(model, batcher, eval_examples(n, seed, qtype, mode, 3))
     m = {k: round(v, 4) for k, v in m.items()}
     m["attention"] = {
         q: attention_on_target(model, batcher, eval_examples(min(n, 64), seed + 1, q, "scene"))
         for q in ("fine", "coarse")
     }
+    if binding:
+        m["attention"]["named/fine"] = attention_on_target(
+            model, batcher, eval_examples(min(n, 64), seed + 1, "fine", "scene", 3)
+        )
     return m
 
 
@@ -576,13 +611,15 @@ def train(args: RecipeArgs, out: Path, log) -> dict:
     model, processor = build_tiny_llava(spec_for(args), seed=args.seed)
     model.set_attn_implementation("sdpa")
     batcher = Batcher(processor)
-    heads = Heads(args.text_hidden)
+    heads = Heads(args.text_hidden, args.where_weight)
     n_params = sum(p.numel() for p in model.parameters())
     log(f"model: {n_params / 1e6:.2f}M parameters; args {asdict(args)}")
     work = out / "work"
     work.mkdir(parents=True, exist_ok=True)
     ckpt_path = work / "checkpoint.pt"
-    pool = Pool(args.pool, args.crops_per_scene, args.seed, args.grid_frac, args.centred_frac, args.shift_frac)
+    pool = Pool(
+        args.pool, args.crops_per_scene, args.seed, args.grid_frac, args.centred_frac, args.shift_frac, args.multi_frac
+    )
     log(f"pool of {args.pool} scenes ready ({time.time() - t0:.0f}s)")
     start_b = 0
     if ckpt_path.exists():
@@ -665,7 +702,7 @@ def train(args: RecipeArgs, out: Path, log) -> dict:
             log(f"[b {step}] loss {loss.item():.3f} aux {aux.item():.3f} train acc: {accs} ({time.time() - t0:.0f}s)")
             run = {q: [0, 0] for q in W.QTYPES}
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
-            m = evaluate(model, batcher, args.eval_n, eval_seed)
+            m = evaluate(model, batcher, args.eval_n, eval_seed, args.multi_frac > 0)
             m["step"] = step + 1
             history.append(m)
             log(f"[eval {step + 1}] {json.dumps(m)} ({time.time() - t0:.0f}s)")
@@ -674,7 +711,7 @@ def train(args: RecipeArgs, out: Path, log) -> dict:
                 ckpt_path,
             )
     train_s = time.time() - t0
-    final = evaluate(model, batcher, args.final_eval_n, 20_000 + args.seed)
+    final = evaluate(model, batcher, args.final_eval_n, 20_000 + args.seed, args.multi_frac > 0)
     log(f"[final] {json.dumps(final)}")
     meta = {
         "args": asdict(args),

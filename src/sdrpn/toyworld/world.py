@@ -55,6 +55,7 @@ COLOURS = {
 OBJECT_COLOURS = ["red", "green", "blue", "yellow", "purple"]
 MARK_COLOURS = ["red", "green", "blue", "yellow", "purple", "white"]
 QTYPES = ["fine", "coarse", "yesno"]
+MAX_OBJECTS = 3
 QTYPE_WEIGHTS = {"fine": 0.5, "coarse": 0.3, "yesno": 0.2}
 ROWS = ["top", "", "bottom"]
 COLS = ["left", "", "right"]
@@ -70,11 +71,15 @@ COARSE_TEMPLATES = {
     "where": "where is the object ?",
 }
 YESNO_TEMPLATE = "is there a {colour} object in the image ?"
+# Scenes of several objects name the target by its colour (binding): the model must find that object first.
+NAMED_FINE_TEMPLATE = "what colour is the mark on the {colour} object ?"
+NAMED_COARSE_TEMPLATES = {"shape": "what shape is the {colour} object ?", "where": "where is the {colour} object ?"}
 
 
 def _template_words() -> list[str]:
     words: list[str] = []
-    texts = [*FINE_TEMPLATES, *COARSE_TEMPLATES.values(), YESNO_TEMPLATE]
+    texts = [*FINE_TEMPLATES, *COARSE_TEMPLATES.values(), YESNO_TEMPLATE, NAMED_FINE_TEMPLATE]
+    texts += list(NAMED_COARSE_TEMPLATES.values())
     for text in texts:
         for w in text.split():
             if not w.startswith("{") and w not in words:
@@ -89,6 +94,16 @@ WORDS: list[str] = [w for w in _template_words() if w != "?"]  # "?" is a chat w
 
 
 @dataclass
+class SceneObject:
+    shape: str
+    colour: str
+    mark: str
+    box: tuple[int, int, int, int]  # x0, y0, x1, y1 (exclusive) in scene px
+    mark_box: tuple[int, int, int, int]
+    where: str
+
+
+@dataclass
 class Scene:
     """The rendered image and the facts every question about it is answered from."""
 
@@ -100,6 +115,13 @@ class Scene:
     mark_box: tuple[int, int, int, int]  # the mark's colour core, same convention
     where: str
     seed: int
+    others: list[SceneObject] = field(default_factory=list)  # distractors (scenes of several objects)
+
+    @property
+    def objects(self) -> list[SceneObject]:
+        """The target first, then the distractors."""
+        target = SceneObject(self.shape, self.colour, self.mark, self.target_box, self.mark_box, self.where)
+        return [target, *self.others]
 
 
 @dataclass
@@ -150,8 +172,47 @@ def shape_mask(shape: str, s: int) -> np.ndarray:
     return m
 
 
-def render_scene(seed: int, size: int = SCENE_SIZE) -> Scene:
-    """Draw one scene from its seed (see the module docstring for the grammar)."""
+def _paint_object(img: np.ndarray, rng: np.random.Generator, obj: SceneObject) -> None:
+    """Fill the object's shape and draw its mark (a colour core in a dark frame) at its box centre."""
+    x0, y0, x1, _ = obj.box
+    s = x1 - x0
+    rgb = np.array(COLOURS[obj.colour], np.float32) + rng.uniform(-12, 12, 3)
+    img[y0 : y0 + s, x0 : x0 + s][shape_mask(obj.shape, s)] = rgb
+    mx0, my0, mx1, my1 = obj.mark_box
+    rim = max(1, int(round(MARK_RIM * img.shape[0] / SCENE_SIZE)))
+    img[my0 - rim : my1 + rim, mx0 - rim : mx1 + rim] = 30.0
+    img[my0:my1, mx0:mx1] = np.array(COLOURS[obj.mark], np.float32)
+
+
+def _draw_object(rng: np.random.Generator, size: int, shape: str, colour: str, taken=()) -> SceneObject | None:
+    """Size, place and mark of one object (None if no free place was found away from ``taken`` boxes)."""
+    k = size / SCENE_SIZE
+    mark_choices = [c for c in MARK_COLOURS if c != colour]
+    mark = mark_choices[int(rng.integers(len(mark_choices)))]
+    s = int(round(rng.integers(OBJECT_SIZE[0], OBJECT_SIZE[1] + 1) * k))
+    margin = int(8 * k)
+    for _ in range(100):
+        x0 = int(rng.integers(margin, size - s - margin + 1))
+        y0 = int(rng.integers(margin, size - s - margin + 1))
+        box = (x0, y0, x0 + s, y0 + s)
+        if not any(_near(box, other, margin) for other in taken):
+            break
+    else:
+        return None
+    ms = max(1, int(round(MARK_SIZE * k)))
+    mx0, my0 = x0 + s // 2 - ms // 2, y0 + s // 2 - ms // 2
+    return SceneObject(shape, colour, mark, box, (mx0, my0, mx0 + ms, my0 + ms), _where(x0 + s / 2, y0 + s / 2, size))
+
+
+def _near(a, b, gap: int) -> bool:
+    return a[0] < b[2] + gap and b[0] < a[2] + gap and a[1] < b[3] + gap and b[1] < a[3] + gap
+
+
+def render_scene(seed: int, size: int = SCENE_SIZE, objects: int = 1) -> Scene:
+    """Draw one scene from its seed (see the module docstring for the grammar). ``objects`` > 1 adds
+    distractors of other colours and shapes; the first object stays the target, drawn as with one."""
+    if not 1 <= objects <= MAX_OBJECTS:
+        raise ValueError(f"objects must be 1..{MAX_OBJECTS}, got {objects}")
     rng = np.random.default_rng(seed)
     k = size / SCENE_SIZE
     # Background: gray level with a slow drift.
@@ -171,55 +232,55 @@ def render_scene(seed: int, size: int = SCENE_SIZE) -> Scene:
     gray = base + np.asarray(drift_img, np.float32) + clutter
     img = np.repeat(gray[:, :, None], 3, axis=2)
 
-    # The target.
     shape = SHAPES[int(rng.integers(len(SHAPES)))]
     colour = OBJECT_COLOURS[int(rng.integers(len(OBJECT_COLOURS)))]
-    mark_choices = [c for c in MARK_COLOURS if c != colour]
-    mark = mark_choices[int(rng.integers(len(mark_choices)))]
-    s = int(round(rng.integers(OBJECT_SIZE[0], OBJECT_SIZE[1] + 1) * k))
-    margin = int(8 * k)
-    x0 = int(rng.integers(margin, size - s - margin + 1))
-    y0 = int(rng.integers(margin, size - s - margin + 1))
-    m = shape_mask(shape, s)
-    rgb = np.array(COLOURS[colour], np.float32) + rng.uniform(-12, 12, 3)
-    patch = img[y0 : y0 + s, x0 : x0 + s]
-    patch[m] = rgb
-    # The mark: colour core in a dark frame, centred on the object's box centre.
-    ms = max(1, int(round(MARK_SIZE * k)))
-    cx, cy = x0 + s // 2, y0 + s // 2
-    mx0, my0 = cx - ms // 2, cy - ms // 2
-    rim = max(1, int(round(MARK_RIM * k)))
-    img[my0 - rim : my0 + ms + rim, mx0 - rim : mx0 + ms + rim] = 30.0
-    img[my0 : my0 + ms, mx0 : mx0 + ms] = np.array(COLOURS[mark], np.float32)
-
+    target = _draw_object(rng, size, shape, colour)
+    _paint_object(img, rng, target)
     oy, ox = (int(v) for v in rng.integers(0, _NOISE_TILE - size + 1, 2))
+    others: list[SceneObject] = []
+    if objects > 1:  # drawn after everything a one-object scene draws, so its scene stays the same
+        shapes = [x for x in SHAPES if x != shape]
+        colours = [x for x in OBJECT_COLOURS if x != colour]
+        for i in rng.permutation(len(shapes))[: objects - 1]:
+            other_colour = colours.pop(int(rng.integers(len(colours))))
+            other = _draw_object(rng, size, shapes[int(i)], other_colour, [target.box, *(o.box for o in others)])
+            if other is not None:
+                _paint_object(img, rng, other)
+                others.append(other)
     img += _noise_bank()[oy : oy + size, ox : ox + size]
     image = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), "RGB")
     return Scene(
         image=image,
         shape=shape,
         colour=colour,
-        mark=mark,
-        target_box=(x0, y0, x0 + s, y0 + s),
-        mark_box=(mx0, my0, mx0 + ms, my0 + ms),
-        where=_where(x0 + s / 2, y0 + s / 2, size),
+        mark=target.mark,
+        target_box=target.box,
+        mark_box=target.mark_box,
+        where=target.where,
         seed=seed,
+        others=others,
     )
 
 
 def ask(scene: Scene, qtype: str, rng: np.random.Generator) -> tuple[str, str, str]:
     """(question, answer, subtype) about a scene for one question type."""
+    named = bool(scene.others)
     if qtype == "fine":
+        if named:
+            return NAMED_FINE_TEMPLATE.format(colour=scene.colour), scene.mark, "mark"
         t = FINE_TEMPLATES[int(rng.integers(len(FINE_TEMPLATES)))]
         return t.format(shape=scene.shape), scene.mark, "mark"
     if qtype == "coarse":
-        sub = list(COARSE_TEMPLATES)[int(rng.integers(len(COARSE_TEMPLATES)))]
+        templates = NAMED_COARSE_TEMPLATES if named else COARSE_TEMPLATES
+        sub = list(templates)[int(rng.integers(len(templates)))]
         answer = {"colour": scene.colour, "shape": scene.shape, "where": scene.where}[sub]
-        return COARSE_TEMPLATES[sub], answer, sub
+        return templates[sub].format(colour=scene.colour), answer, sub
     if qtype == "yesno":
+        present = [scene.colour, *(o.colour for o in scene.others)]
         if rng.random() < 0.5:
-            return YESNO_TEMPLATE.format(colour=scene.colour), "yes", "yes"
-        others = [c for c in OBJECT_COLOURS if c != scene.colour]
+            asked = present[int(rng.integers(len(present)))] if named else scene.colour
+            return YESNO_TEMPLATE.format(colour=asked), "yes", "yes"
+        others = [c for c in OBJECT_COLOURS if c not in present]
         return YESNO_TEMPLATE.format(colour=others[int(rng.integers(len(others)))]), "no", "no"
     raise ValueError(f"unknown question type {qtype!r}; expected one of {QTYPES}")
 
@@ -228,9 +289,9 @@ def _pick_qtype(rng: np.random.Generator) -> str:
     return QTYPES[int(rng.choice(len(QTYPES), p=[QTYPE_WEIGHTS[q] for q in QTYPES]))]
 
 
-def render_sample(seed: int, qtype: str | None = None, size: int = SCENE_SIZE) -> ToySample:
+def render_sample(seed: int, qtype: str | None = None, size: int = SCENE_SIZE, objects: int = 1) -> ToySample:
     """One scene + one question about it; ``qtype=None`` draws the type (fine 50%, coarse 30%, yes/no 20%)."""
-    scene = render_scene(seed, size)
+    scene = render_scene(seed, size, objects)
     rng = np.random.default_rng([seed, 1])
     qtype = qtype or _pick_qtype(rng)
     question, answer, sub = ask(scene, qtype, rng)
@@ -248,6 +309,8 @@ def render_sample(seed: int, qtype: str | None = None, size: int = SCENE_SIZE) -
             "mark_box": scene.mark_box,
             "where": scene.where,
             "subtype": sub,
+            "objects": 1 + len(scene.others),
+            "others": [o.box for o in scene.others],
         },
     )
 
@@ -256,13 +319,15 @@ def sample_seeds(n: int, seed: int) -> list[int]:
     return [int(s) for s in np.random.default_rng(seed).integers(0, 2**31 - 1, n)]
 
 
-def make_samples(n: int, seed: int, qtypes=None, size: int = SCENE_SIZE) -> list[ToySample]:
+def make_samples(n: int, seed: int, qtypes=None, size: int = SCENE_SIZE, objects: int = 1) -> list[ToySample]:
     """``n`` samples, deterministic in ``seed``; ``qtypes`` (a type or a list) restricts the question types
-    (cycled in order when a list is given)."""
+    (cycled in order when a list is given); ``objects`` objects per scene."""
     if isinstance(qtypes, str):
         qtypes = [qtypes]
     seeds = sample_seeds(n, seed)
-    return [render_sample(s, None if not qtypes else qtypes[i % len(qtypes)], size) for i, s in enumerate(seeds)]
+    return [
+        render_sample(s, None if not qtypes else qtypes[i % len(qtypes)], size, objects) for i, s in enumerate(seeds)
+    ]
 
 
 def square_box(cx: float, cy: float, side: float, size: int) -> tuple[int, int, int, int]:
