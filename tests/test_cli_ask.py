@@ -198,3 +198,20 @@ def test_overlay_heat_lies_on_its_grid_cell():
     picture = np.asarray(draw_overlay(image, probability, geometry, []))
     assert picture.shape == (60, 90, 3)
     assert picture[20, 50].sum() > picture[40, 50].sum()  # the hot cell is brighter than a cold one
+
+
+def test_overlay_crop_strip_shows_each_region_enlarged(tmp_path):
+    """Two boxes: the strip to the right holds both crops, stacked, each enlarged to the strip's width."""
+    from sdrpn.overlay import save_overlay
+
+    image = Image.new("RGB", (200, 100), (0, 0, 0))
+    image.paste((255, 0, 0), (10, 10, 30, 30))
+    image.paste((0, 0, 255), (150, 60, 170, 80))
+    path = save_overlay(tmp_path / "o.png", image, None, None, [(10, 10, 30, 30), (150, 60, 170, 80)], show_crops=True)
+    picture = np.asarray(Image.open(path))
+    side = 100 // 2 - 4
+    assert picture.shape == (100, 200 + 4 + side, 3)
+    assert tuple(picture[side // 2, 204 + side // 2]) == (255, 0, 0)
+    assert tuple(picture[side + 4 + side // 2, 204 + side // 2]) == (0, 0, 255)
+    plain = np.asarray(Image.open(save_overlay(tmp_path / "p.png", image, None, None, [(10, 10, 30, 30)])))
+    assert plain.shape == (100, 200, 3)

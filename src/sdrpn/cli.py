@@ -91,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ask.add_argument("--max-new-tokens", type=int, default=128)
     ask.add_argument("--save-overlay", default=None, help="write a PNG of the image, RoI map and boxes")
+    ask.add_argument(
+        "--overlay-crops", action="store_true", help="add a strip of the cropped regions to the overlay's right"
+    )
     ask.add_argument("--json", action="store_true", help="print the whole result as JSON")
 
     commands.add_parser("selftest", help="label, train and ask end to end on a tiny offline model (~1 min)")
@@ -192,7 +195,9 @@ def cmd_ask(args) -> int:
     )
     result = zoom.ask(image, args.question)
     if args.save_overlay:
-        save_overlay(args.save_overlay, image, result.roi_map, result.geometry, result.boxes)
+        save_overlay(
+            args.save_overlay, image, result.roi_map, result.geometry, result.boxes, show_crops=args.overlay_crops
+        )
     if args.json:
         print(json.dumps({**result.to_json(), "overlay": args.save_overlay}, indent=2))
     else:

@@ -1,4 +1,5 @@
-"""Pictures of where the model looked: the image, its RoI heat map and the boxes, at the image's size."""
+"""Pictures of where the model looked: the image, its RoI heat map and the boxes, at the image's size, and
+optionally a strip of what it read there (each box cropped from the original image, enlarged)."""
 
 from __future__ import annotations
 
@@ -42,8 +43,30 @@ def draw_overlay(
     return picture
 
 
-def save_overlay(path: str | Path, image: Image.Image, probability, geometry, boxes) -> Path:
+def with_crops(picture: Image.Image, image: Image.Image, boxes: list[PixelBox], gap: int = 4) -> Image.Image:
+    """The picture with a strip on its right: each box's crop of ``image``, stacked and enlarged to the strip's
+    width, so the detail the second stage reads can be seen, not only where it was."""
+    if not boxes:
+        return picture
+    side = picture.height // len(boxes) - gap
+    strip = Image.new("RGB", (picture.width + gap + side, picture.height), (255, 255, 255))
+    strip.paste(picture, (0, 0))
+    for index, box in enumerate(boxes):
+        crop = image.convert("RGB").crop(box)
+        scale = side / max(crop.size)
+        size = (max(1, round(crop.width * scale)), max(1, round(crop.height * scale)))
+        crop = crop.resize(size, Image.NEAREST if scale >= 1 else Image.BICUBIC)  # enlarged pixels stay sharp
+        strip.paste(crop, (picture.width + gap, index * (side + gap)))
+    return strip
+
+
+def save_overlay(
+    path: str | Path, image: Image.Image, probability, geometry, boxes, *, show_crops: bool = False
+) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    draw_overlay(image, probability, geometry, boxes).save(path, format="PNG")
+    picture = draw_overlay(image, probability, geometry, boxes)
+    if show_crops:
+        picture = with_crops(picture, image, boxes)
+    picture.save(path, format="PNG")
     return path

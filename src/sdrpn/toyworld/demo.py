@@ -39,7 +39,12 @@ def run_demo(
     zoomed = zoom.ask_batch([s.image for s in shown], [s.question for s in shown], method="sdrpn")
     for index, (sample, plain, looked) in enumerate(zip(shown, base, zoomed)):
         picture = save_overlay(
-            out_dir / f"scene-{index}.png", sample.image, looked.roi_map, looked.geometry, looked.boxes
+            out_dir / f"scene-{index}.png",
+            sample.image,
+            looked.roi_map,
+            looked.geometry,
+            looked.boxes,
+            show_crops=True,
         )
         print(f"Q: {sample.question}")
         print(

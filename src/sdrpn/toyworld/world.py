@@ -25,6 +25,12 @@ Questions (``qtype`` -> templates -> answer words):
 * ``"yesno"`` (POPE-like): "is there a {colour} object in the image ?" -> "yes" / "no"; the colour
   asked is the target's colour half of the time (colour, unlike shape, is visible at input resolution).
 
+Scenes of several objects (``objects`` = 2-3, the binding variant): the target is drawn exactly as in a
+one-object scene, then 1-2 distractors of other shapes and other colours (each with its own mark) at free
+places. The question names the target by its colour, which is visible at input resolution, so the model must
+first find that object: "what colour is the mark on the {colour} object ?" (fine), "what shape is the {colour}
+object ?" / "where is the {colour} object ?" (coarse); yes/no asks about any colour present or absent.
+
 Answers are one word, except the two-word "where" corners. Every sample carries its answer, question
 type, the target's box in scene pixels and its seed; ``make_samples`` is deterministic in its seed.
 """
