@@ -7,6 +7,7 @@ Toy images are rendered from their seed, never written to disk: a sample's image
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
 from collections.abc import Callable
@@ -32,10 +33,6 @@ from sdrpn.train import TrainSettings, train_rpn
 # a region's token box puts the mark anywhere in the crop; a one-token window centred on the region's mass keeps
 # it near the crop's centre. tau and window were chosen on seed 99, not a bench seed.
 TOY_ROI = RoiSettings(tau=0.5, sigma=0.5, min_tokens=1, grow_below=0, max_side_frac=0.5, window=1.0)
-# Label layers: where the model's answer-predicting token (the last prompt token) puts its top attention on the
-# target in >= 80% of scenes, per the recipe's attention log (recipe.json, metrics.attention.fine): layers 0-2
-# (81% / 81% / 95%), not layer 3 (47%). A test keeps this in step with the shipped weights.
-TOY_LABELS = LabelSettings(label_heads={0: None, 1: None, 2: None}, max_new_tokens=4)
 TOY_TRAIN = TrainSettings(learning_rate=1e-3, batch_size=16, epochs=2, mixed_precision="no")
 TOY_LABEL_SEED = 1000  # training scenes; evaluation uses other seeds
 TOY_BINDING_FRAC = 0.0  # share of self-distillation scenes with three objects, the target named by colour
@@ -49,6 +46,22 @@ def shipped_dir(name: str) -> Path:
 
 def shipped_model_dir() -> Path:
     return shipped_dir("mllm")
+
+
+def label_layers_from_recipe(model_dir: Path, min_top1_hit: float = 0.8) -> dict[int, None]:
+    """The toy's label layers, by a rule on the recipe's attention log (recipe.json, metrics.attention.fine),
+    not by hand: the layers whose answer-predicting token (the last prompt token) puts its top attention on the
+    target in >= 80% of fresh scenes (all heads); the best layer alone if none does. A retrained model thus
+    brings its own label layers."""
+    recipe = json.loads((Path(model_dir) / "recipe.json").read_text())
+    hits = recipe["metrics"]["attention"]["fine"]["last_prompt"]["top1_hit"]
+    chosen = [layer for layer, hit in enumerate(hits) if hit >= min_top1_hit] or [
+        max(range(len(hits)), key=hits.__getitem__)
+    ]
+    return dict.fromkeys(chosen)
+
+
+TOY_LABELS = LabelSettings(label_heads=label_layers_from_recipe(shipped_model_dir()), max_new_tokens=4)
 
 
 def load_toy(rpn: str | Path | None = None) -> tuple[FamilyAdapter, RegionProposalNetwork]:
