@@ -24,9 +24,14 @@ def shipped(tmp_path, monkeypatch):
     )
     model.save_pretrained(tmp_path / "mllm")
     processor.save_pretrained(tmp_path / "mllm")
+    attention_log = {"fine": {"last_prompt": {"top1_hit": [0.9, 0.85, 0.2, 0.1]}}}
+    (tmp_path / "mllm" / "recipe.json").write_text(json.dumps({"metrics": {"attention": attention_log}}))
     RegionProposalNetwork(load_model(str(tmp_path / "mllm")), 1, 2).save(tmp_path / "rpn")
     monkeypatch.setattr(pipeline, "shipped_dir", lambda name: tmp_path / name)
     return tmp_path
+
+
+FAST_LABELS = pipeline.LabelSettings(label_heads={0: None, 1: None}, max_new_tokens=2, fg=0.9, bg=0.85)
 
 
 def test_toy_images_round_trip_through_references():
@@ -47,7 +52,7 @@ def test_demo_runs_and_writes_overlays(shipped, tmp_path, capsys):
 
 
 def test_demo_train_rpn_redoes_self_distillation(shipped, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(pipeline, "TOY_LABELS", pipeline.LabelSettings(max_new_tokens=2, fg=0.9, bg=0.85))
+    monkeypatch.setattr(pipeline, "TOY_LABELS", FAST_LABELS)
     code = main(
         [
             "demo",
@@ -70,7 +75,7 @@ def test_demo_train_rpn_redoes_self_distillation(shipped, tmp_path, capsys, monk
 
 
 def test_bench_toy_json_and_resume(shipped, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(pipeline, "TOY_LABELS", pipeline.LabelSettings(max_new_tokens=2, fg=0.9, bg=0.85))
+    monkeypatch.setattr(pipeline, "toy_label_settings", lambda model_dir: FAST_LABELS)
     argv = [
         "bench",
         "toy",
@@ -138,3 +143,27 @@ def test_bench_rejects_a_bad_list_with_one_line(capsys):
     assert main(["bench", "toy", "--sweep", "250,many"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--sweep" in err[0] and "many" in err[0]
+
+
+def test_bench_of_another_toy_model_self_distils_its_rpn_first(shipped, tmp_path, capsys, monkeypatch):
+    """`--model DIR`: a retrained toy MLLM is benchmarked with an SD-RPN distilled from its own attention, at
+    the label layers its recipe log gives; a work folder never mixes two models' results."""
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(tmp_path / "mllm", other)
+    seen = []
+    monkeypatch.setattr(pipeline, "toy_label_settings", lambda model_dir: seen.append(model_dir) or FAST_LABELS)
+    work = tmp_path / "work"
+    argv = ["bench", "toy", "--model", str(other), "--n", "4", "--work", str(work), "--label-samples", "8"]
+    argv += ["--sweep", "", "--no-ablations", "--timing-samples", "1"]
+    assert main(argv) == 0
+    assert seen == [other]
+    config = json.loads((work / "rpn_label_assignment_sink_removal" / "rpn_config.json").read_text())
+    assert config["training"]["samples"] == 8
+    assert "| sdrpn_mask |" in capsys.readouterr().out
+    assert main([*argv[:3], str(tmp_path / "mllm"), *argv[4:]]) == 2  # the shipped stand-in, same work folder
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "another model" in err[0]
+    assert main(["bench", "toy", "--model", str(tmp_path), "--work", str(tmp_path / "w2")]) == 2
+    assert "no recipe.json" in capsys.readouterr().err

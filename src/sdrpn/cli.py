@@ -112,7 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--n", type=int, default=300)
     bench.add_argument("--json", default=None, help="write the results here")
     bench.add_argument("--work", default="sdrpn-bench", help="resumable work folder")
-    bench.add_argument("--rpn", default=None, help="RPN to benchmark (default: the shipped one)")
+    bench.add_argument(
+        "--model", default=None, help="a toy MLLM folder made by sdrpn.toyworld.recipe (default: the shipped one)"
+    )
+    bench.add_argument(
+        "--rpn", default=None, help="RPN to benchmark (default: the shipped one; for --model, one self-distilled first)"
+    )
     bench.add_argument("--label-samples", type=int, default=2000)
     bench.add_argument("--sweep", default="250,1000", help="data sizes for the sweep ('' to skip)")
     bench.add_argument(
@@ -246,6 +251,7 @@ def cmd_bench(args) -> int:
         seed=args.seed,
         n=args.n,
         work_dir=args.work,
+        model=args.model,
         rpn=args.rpn,
         label_samples=args.label_samples,
         sweep=sweep,

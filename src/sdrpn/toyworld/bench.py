@@ -10,15 +10,17 @@ import json
 from dataclasses import asdict, replace
 from pathlib import Path
 
+from sdrpn.errors import SdrpnError
 from sdrpn.files import atomic_write_json
-from sdrpn.rpn import load_rpn
+from sdrpn.rpn import load_rpn, weights_digest
 from sdrpn.toyworld import pipeline, world
 from sdrpn.train import train_rpn
 
+SDRPN_DIR = "rpn_label_assignment_sink_removal"  # the full recipe: the ladder's last rung is SD-RPN itself
 LADDER = {  # the paper's ablation order (Table 4a): what each RPN is trained on
     "rpn_raw_mse": "raw-mse",
     "rpn_label_assignment": "labels-no-sinks",
-    "rpn_label_assignment_sink_removal": "labels",
+    SDRPN_DIR: "labels",
 }
 
 
@@ -42,11 +44,23 @@ def _train(adapter, label_dir: Path, out: Path, **overrides):
     return train_rpn(adapter, label_dir, out, settings, open_image=pipeline.open_toy_image)
 
 
+def _claim(work: Path, adapter, model_dir: Path) -> None:
+    """A work folder caches one model's results: refuse to mix in another model's."""
+    owner = {"model": str(model_dir.resolve()), "weights": weights_digest(adapter, 0), "fingerprint": adapter.fingerprint()}
+    path = work / "model.json"
+    if path.is_file():
+        if json.loads(path.read_text()) != owner:
+            raise SdrpnError(f"'{work}' holds results of another model than '{model_dir}'; use another --work")
+        return
+    atomic_write_json(path, owner)
+
+
 def run_toy_bench(
     *,
     seed: int = 7,
     n: int = 300,
     work_dir: str | Path = "sdrpn-bench",
+    model: str | Path | None = None,
     rpn: str | Path | None = None,
     label_samples: int = 2000,
     sweep: tuple[int, ...] = (250, 1000),
@@ -55,8 +69,29 @@ def run_toy_bench(
     timing_samples: int = 40,
     binding: int = 0,
 ) -> dict:
+    """``model``: a toy MLLM folder made by the recipe (default: the shipped one). Without ``rpn``, the
+    shipped model uses the shipped RPN and any other model gets an SD-RPN self-distilled here first."""
     work = Path(work_dir)
-    adapter, network = pipeline.load_toy(rpn)
+    model_dir = Path(model) if model else pipeline.shipped_model_dir()
+    adapter = pipeline.load_toy_model(model_dir)
+    _claim(work, adapter, model_dir)
+    label_dir = work / "labels"
+
+    def labelled() -> Path:
+        pipeline.generate_labels(
+            adapter,
+            pipeline.as_samples(pipeline.label_scenes(label_samples)),
+            label_dir,
+            pipeline.toy_label_settings(model_dir),
+            batch_size=32,
+            open_image=pipeline.open_toy_image,
+        )
+        return label_dir
+
+    if rpn or not model:
+        network = load_rpn(rpn or pipeline.shipped_dir("rpn"), adapter)
+    else:
+        network = _train(adapter, labelled(), work / SDRPN_DIR)
     zoom = pipeline.make_zoom(adapter, network)
     samples = world.make_samples(n, seed)
     tag = f"seed{seed}-n{n}"
@@ -77,15 +112,7 @@ def run_toy_bench(
     if binding:
         result["binding"] = _cached(work / f"binding-seed{seed}-n{binding}.json", lambda: _binding(zoom, seed, binding))
     if ablations or sweep:
-        label_dir = work / "labels"
-        pipeline.generate_labels(
-            adapter,
-            pipeline.as_samples(pipeline.label_scenes(label_samples)),
-            label_dir,
-            pipeline.TOY_LABELS,
-            batch_size=32,
-            open_image=pipeline.open_toy_image,
-        )
+        labelled()
         sdrpn_runner = pipeline.method_runners()["sdrpn_mask"]
 
         def _accuracy_of(trained) -> dict:
@@ -109,7 +136,7 @@ def run_toy_bench(
         sizes = {}
         for size in sorted({*sweep, label_samples}):
             full = size >= label_samples  # the full-data RPN is the ladder's last rung: train it once
-            folder = work / ("rpn_label_assignment_sink_removal" if full else f"rpn_{size}")
+            folder = work / (SDRPN_DIR if full else f"rpn_{size}")
             trained = _train(adapter, label_dir, folder, max_samples=None if full else size)
             sizes[str(size)] = _cached(work / f"sweep{size}-{tag}.json", lambda rpn=trained: _accuracy_of(rpn))
         result["data_size_sweep"] = sizes

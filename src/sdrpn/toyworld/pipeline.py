@@ -18,6 +18,7 @@ from pathlib import Path
 from PIL import Image
 
 from sdrpn.data import Sample
+from sdrpn.errors import SdrpnError
 from sdrpn.infer import InferSettings, Zoom
 from sdrpn.labeling import LabelSettings, generate_labels
 from sdrpn.models import FamilyAdapter, load_model
@@ -61,13 +62,27 @@ def label_layers_from_recipe(model_dir: Path, min_top1_hit: float = 0.8) -> dict
     return dict.fromkeys(chosen)
 
 
-TOY_LABELS = LabelSettings(label_heads=label_layers_from_recipe(shipped_model_dir()), max_new_tokens=4)
+def toy_label_settings(model_dir: Path) -> LabelSettings:
+    return LabelSettings(label_heads=label_layers_from_recipe(model_dir), max_new_tokens=4)
+
+
+TOY_LABELS = toy_label_settings(shipped_model_dir())
 
 
 def load_toy(rpn: str | Path | None = None) -> tuple[FamilyAdapter, RegionProposalNetwork]:
     adapter = load_model(str(shipped_model_dir()))
     network = load_rpn(rpn or shipped_dir("rpn"), adapter)
     return adapter, network
+
+
+def load_toy_model(model_dir: str | Path | None = None) -> FamilyAdapter:
+    """A toy MLLM folder written by `sdrpn.toyworld.recipe` (default: the shipped one)."""
+    model_dir = Path(model_dir) if model_dir else shipped_model_dir()
+    if not (model_dir / "recipe.json").is_file():
+        raise SdrpnError(
+            f"'{model_dir}' is not a toy model folder: no recipe.json (make one with sdrpn.toyworld.recipe)"
+        )
+    return load_model(str(model_dir))
 
 
 def toy_reference(sample: world.ToySample) -> str:
@@ -98,13 +113,14 @@ def self_distill(
     *,
     samples: int = 2000,
     seed: int = TOY_LABEL_SEED,
-    label_settings: LabelSettings = TOY_LABELS,
+    label_settings: LabelSettings | None = None,
     train_settings: TrainSettings = TOY_TRAIN,
     label_dir: str | Path | None = None,
     binding_frac: float = TOY_BINDING_FRAC,
     progress: bool = True,
 ) -> RegionProposalNetwork:
-    """Labels from the model's own attention on fresh scenes, then RPN training (paper Algorithm 1)."""
+    """Labels from the model's own attention on fresh scenes, then RPN training (paper Algorithm 1). The label
+    settings default to the shipped model's (`TOY_LABELS`)."""
     work_dir = Path(work_dir)
     label_dir = Path(label_dir) if label_dir else work_dir / "labels"
     toy = label_scenes(samples, seed, binding_frac)
@@ -112,7 +128,7 @@ def self_distill(
         adapter,
         as_samples(toy),
         label_dir,
-        label_settings,
+        label_settings or TOY_LABELS,
         batch_size=32,
         progress=progress,
         open_image=open_toy_image,
