@@ -46,7 +46,11 @@ def _train(adapter, label_dir: Path, out: Path, **overrides):
 
 def _claim(work: Path, adapter, model_dir: Path) -> None:
     """A work folder caches one model's results: refuse to mix in another model's."""
-    owner = {"model": str(model_dir.resolve()), "weights": weights_digest(adapter, 0), "fingerprint": adapter.fingerprint()}
+    owner = {
+        "model": str(model_dir.resolve()),
+        "weights": weights_digest(adapter, 0),
+        "fingerprint": adapter.fingerprint(),
+    }
     path = work / "model.json"
     if path.is_file():
         if json.loads(path.read_text()) != owner:

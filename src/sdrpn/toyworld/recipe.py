@@ -91,6 +91,7 @@ class RecipeArgs:
     pair_coarse: float = 0.3
     aux_weight: float = 0.3  # per-patch heads during stage b
     where_weight: float = 1.0  # the per-patch "where" probe on scene tokens (0 = off)
+    crop_shape_whole: int = 1  # 1: a crop token with any solid part of the shape is labelled with it; 0: only >= 25%
     multi_frac: float = 0.0  # share of scenes with 2-3 objects, the target named by its colour (binding)
     vision_lr_mult: float = 0.3  # stage-b learning rate of the vision tower + projector, relative to lr
     pool: int = 2000  # scenes held in memory; a quarter is re-rendered every refresh_every steps
@@ -132,7 +133,7 @@ def _patch_fracs(mask_box, mask, box):
 WHERE_CELLS = [" ".join(w for w in (r, c) if w) or "centre" for r in W.ROWS for c in W.COLS]
 
 
-def _object_labels(obj: W.SceneObject, box, is_crop: bool) -> np.ndarray:
+def _object_labels(obj: W.SceneObject, box, is_crop: bool, crop_shape_whole: bool = True) -> np.ndarray:
     """(colour, shape, mark, where) labels per token for one object (see `patch_labels`)."""
     f_obj, t_obj = _patch_fracs(obj.box, W.shape_mask(obj.shape, obj.box[2] - obj.box[0]), box)
     on = (f_obj >= 0.25) | (t_obj >= 0.2)
@@ -140,7 +141,7 @@ def _object_labels(obj: W.SceneObject, box, is_crop: bool) -> np.ndarray:
     colour = np.where(on, 1 + W.OBJECT_COLOURS.index(obj.colour), 0)
     shape = np.where(on, 1 + W.SHAPES.index(obj.shape), 0)
     colour[near] = -100
-    if is_crop:  # a crop shows the whole shape over several tokens; the tower's attention can gather it
+    if is_crop and crop_shape_whole:  # a crop shows the whole shape over several tokens; attention can gather it
         shape[near] = -100
     else:  # a scene token with a sliver of the shape does not show which shape it is
         shape[near | (on & (f_obj < 0.25))] = -100
@@ -157,12 +158,12 @@ def _object_labels(obj: W.SceneObject, box, is_crop: bool) -> np.ndarray:
     return np.stack([colour, shape, mark, where]).reshape(4, N_TOK)
 
 
-def patch_labels(scene: W.Scene, box, is_crop: bool) -> np.ndarray:
+def patch_labels(scene: W.Scene, box, is_crop: bool, crop_shape_whole: bool = True) -> np.ndarray:
     """(colour, shape, mark, where) labels per token of every object, 0 = none, -100 = ignored (also where
     two objects share a token). ``where`` (scenes only) is the object's 3 x 3 cell on the tokens that hold
     it: the answer to "where" then lives in the token's content, not only in its place in the sequence,
     which crop tokens inserted after the scene's shift."""
-    per_object = np.stack([_object_labels(obj, box, is_crop) for obj in scene.objects])
+    per_object = np.stack([_object_labels(obj, box, is_crop, crop_shape_whole) for obj in scene.objects])
     positive = per_object > 0
     labels = np.where(positive.any(0), per_object.max(0), np.where((per_object == -100).any(0), -100, 0))
     labels[positive.sum(0) > 1] = -100
@@ -266,8 +267,19 @@ def image_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
 class Pool:
     """Scenes in memory at input resolution, with a few crops each and all labels; partly refreshed."""
 
-    def __init__(self, n: int, crops: int, seed: int, grid_frac=0.0, centred_frac=0.5, shift_frac=0.0, multi_frac=0.0):
+    def __init__(
+        self,
+        n: int,
+        crops: int,
+        seed: int,
+        grid_frac=0.0,
+        centred_frac=0.5,
+        shift_frac=0.0,
+        multi_frac=0.0,
+        crop_shape_whole=True,
+    ):
         self.n, self.crops, self.grid_frac, self.multi_frac = n, crops, grid_frac, multi_frac
+        self.crop_shape_whole = crop_shape_whole
         self.centred_frac, self.shift_frac = centred_frac, shift_frac
         self.rng = np.random.default_rng([seed, 7])
         self.next_seed = 1_000_000 * (seed + 1)
@@ -276,7 +288,9 @@ class Pool:
     def _make(self) -> dict:
         seed = self.next_seed
         self.next_seed += 1
-        objects = 1 if self.rng.random() >= self.multi_frac else int(self.rng.integers(2, W.MAX_OBJECTS + 1))
+        objects = 1  # the draw only happens with multi_frac > 0, so one-object pools stay as they always were
+        if self.multi_frac > 0 and self.rng.random() < self.multi_frac:
+            objects = int(self.rng.integers(2, W.MAX_OBJECTS + 1))
         scene = W.render_scene(seed, objects=objects)
         full = (0, 0, scene.image.size[0], scene.image.size[1])
         item = {
@@ -302,7 +316,7 @@ class Pool:
                     "kind": kind,
                     "box": box,
                     "img": crop_input(scene.image, box),
-                    "lab": patch_labels(scene, canvas, True),
+                    "lab": patch_labels(scene, canvas, True, self.crop_shape_whole),
                     "tgt": target_tokens(scene.shape, scene.target_box, canvas),
                 }
             )
@@ -618,7 +632,14 @@ def train(args: RecipeArgs, out: Path, log) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     ckpt_path = work / "checkpoint.pt"
     pool = Pool(
-        args.pool, args.crops_per_scene, args.seed, args.grid_frac, args.centred_frac, args.shift_frac, args.multi_frac
+        args.pool,
+        args.crops_per_scene,
+        args.seed,
+        args.grid_frac,
+        args.centred_frac,
+        args.shift_frac,
+        args.multi_frac,
+        bool(args.crop_shape_whole),
     )
     log(f"pool of {args.pool} scenes ready ({time.time() - t0:.0f}s)")
     start_b = 0
