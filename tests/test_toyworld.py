@@ -229,17 +229,17 @@ def test_shipped_demo_model_reloads_offline_and_answers():
 
 def test_toy_label_layers_are_where_the_shipped_model_finds_the_target(tmp_path):
     """The demo's label layers follow a rule on the recipe's attention log, not a guess: the layers whose
-    answer-predicting token (the last prompt token) puts its top attention on the target in >= 80% of scenes;
+    teacher map (the answer-predicting positions' attention) puts its top on the target in >= 80% of scenes;
     the shipped RPN was distilled from exactly those layers."""
     from sdrpn.toyworld.pipeline import TOY_LABELS, label_layers_from_recipe
 
-    hits = json.loads((WEIGHTS / "recipe.json").read_text())["metrics"]["attention"]["fine"]["last_prompt"]["top1_hit"]
+    hits = json.loads((WEIGHTS / "recipe.json").read_text())["metrics"]["attention"]["fine"]["teacher"]["top1_hit"]
     chosen = {layer for layer, hit in enumerate(hits) if hit >= 0.8}
     assert chosen and set(TOY_LABELS.label_heads) == chosen
     assert all(heads is None for heads in TOY_LABELS.label_heads.values())
     rpn_config = json.loads((WEIGHTS.parent / "rpn" / "rpn_config.json").read_text())
     assert {int(layer) for layer in rpn_config["label_settings"]["label_heads"]} == chosen
-    fake = {"metrics": {"attention": {"fine": {"last_prompt": {"top1_hit": [0.3, 0.7, 0.5]}}}}}
+    fake = {"metrics": {"attention": {"fine": {"teacher": {"top1_hit": [0.3, 0.7, 0.5]}}}}}
     (tmp_path / "recipe.json").write_text(json.dumps(fake))
     assert label_layers_from_recipe(tmp_path) == {1: None}  # none reaches 80%: the best layer alone
 

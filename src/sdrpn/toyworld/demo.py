@@ -27,7 +27,7 @@ def run_demo(
     seed = random.randrange(10**6) if seed is None else seed
     started = time.perf_counter()
     if train_rpn:
-        adapter, _ = pipeline.load_toy()
+        adapter = pipeline.load_toy_model()
         network = pipeline.self_distill(adapter, out_dir / "self-distillation", samples=label_samples)
         print(f"self-distillation done in {time.perf_counter() - started:.0f} s -> {out_dir / 'self-distillation'}")
     else:

@@ -51,15 +51,13 @@ def shipped_model_dir() -> Path:
 
 def label_layers_from_recipe(model_dir: Path, min_top1_hit: float = 0.8) -> dict[int, None]:
     """The toy's label layers, by a rule on the recipe's attention log (recipe.json, metrics.attention.fine),
-    not by hand: the layers whose answer-predicting token (the last prompt token) puts its top attention on the
-    target in >= 80% of fresh scenes (all heads); the best layer alone if none does. A retrained model thus
-    brings its own label layers."""
+    not by hand: the layers whose teacher map (the answer-predicting positions' attention, all heads, as the
+    labels average it) puts its top on the target in >= 80% of fresh scenes; the best layer alone if none
+    does. A retrained model thus brings its own label layers."""
     recipe = json.loads((Path(model_dir) / "recipe.json").read_text())
-    hits = recipe["metrics"]["attention"]["fine"]["last_prompt"]["top1_hit"]
-    chosen = [layer for layer, hit in enumerate(hits) if hit >= min_top1_hit] or [
-        max(range(len(hits)), key=hits.__getitem__)
-    ]
-    return dict.fromkeys(chosen)
+    hits = recipe["metrics"]["attention"]["fine"]["teacher"]["top1_hit"]
+    chosen = [layer for layer, hit in enumerate(hits) if hit >= min_top1_hit]
+    return dict.fromkeys(chosen or [max(range(len(hits)), key=hits.__getitem__)])
 
 
 def toy_label_settings(model_dir: Path) -> LabelSettings:
@@ -135,6 +133,8 @@ def self_distill(
     )
     rpn = train_rpn(adapter, label_dir, work_dir / "rpn", train_settings, progress=progress, open_image=open_toy_image)
     rpn.config.roi_settings = asdict(TOY_ROI)  # so `sdrpn ask --rpn` uses the grid's settings too
+    if Path(adapter.name_or_path) == shipped_model_dir():
+        rpn.config.base_model = "toy"  # the CLI's name for the shipped model, not this machine's install path
     rpn.save(work_dir / "rpn")
     return rpn
 

@@ -60,6 +60,7 @@ import torch.nn.functional as F
 from PIL import Image
 from transformers.utils.constants import OPENAI_CLIP_MEAN
 
+from sdrpn.files import atomic_write_json
 from sdrpn.models.llava import pad_to_square
 from sdrpn.models.tiny import TinyLlavaSpec, build_tiny_llava
 from sdrpn.toyworld import world as W
@@ -90,7 +91,7 @@ class RecipeArgs:
     pair_fine: float = 0.55  # question mix of scene + crop pairs: fine, coarse, the rest yes/no
     pair_coarse: float = 0.3
     aux_weight: float = 0.3  # per-patch heads during stage b
-    where_weight: float = 1.0  # the per-patch "where" probe on scene tokens (0 = off)
+    where_weight: float = 0.6  # the per-patch "where" probe on scene tokens (0 = off)
     crop_shape_whole: int = 1  # 1: a crop token with any solid part of the shape is labelled with it; 0: only >= 25%
     multi_frac: float = 0.0  # share of scenes with 2-3 objects, the target named by its colour (binding)
     vision_lr_mult: float = 0.3  # stage-b learning rate of the vision tower + projector, relative to lr
@@ -288,9 +289,7 @@ class Pool:
     def _make(self) -> dict:
         seed = self.next_seed
         self.next_seed += 1
-        objects = 1  # the draw only happens with multi_frac > 0, so one-object pools stay as they always were
-        if self.multi_frac > 0 and self.rng.random() < self.multi_frac:
-            objects = int(self.rng.integers(2, W.MAX_OBJECTS + 1))
+        objects = 1 if self.rng.random() >= self.multi_frac else int(self.rng.integers(2, W.MAX_OBJECTS + 1))
         scene = W.render_scene(seed, objects=objects)
         full = (0, 0, scene.image.size[0], scene.image.size[1])
         item = {
@@ -515,7 +514,9 @@ def accuracy(model, batcher, examples, bs: int = 64) -> float:
 @torch.no_grad()
 def attention_on_target(model, batcher, examples) -> dict:
     """Per layer: mean over samples of (mean attention on target tokens / mean over all scene tokens),
-    and the top-1 hit rate, for the last prompt token and the first answer token (heads averaged)."""
+    and the top-1 hit rate (heads averaged), for the last prompt token, the first answer token, and
+    "teacher": the mean over every position that predicts an answer token, the map SD-RPN's labels are
+    made from."""
     model.eval()
     model.set_attn_implementation("eager")
     try:
@@ -533,10 +534,12 @@ def attention_on_target(model, batcher, examples) -> dict:
         ]
     )
     b = torch.arange(len(examples))
-    for name, pos in (("last_prompt", lasts), ("answer", lasts + 1)):
+    predicts_answer = (labels != -100).float()[..., None]  # (B, T, 1): the next token is an answer token
+    for name, pos in (("last_prompt", lasts), ("answer", lasts + 1), ("teacher", None)):
         ratios, hits = [], []
         for att in out.attentions:  # (B, H, T, T)
-            a = att.mean(1)[b, pos]  # (B, T)
+            rows = att.mean(1)
+            a = rows[b, pos] if pos is not None else (rows * predicts_answer).sum(1) / predicts_answer.sum(1)
             idx = vis[:, None] + torch.arange(N_TOK)[None]
             a = torch.gather(a, 1, idx)  # (B, N_TOK) attention on the scene tokens
             on = (a * tgt).sum(1) / tgt.sum(1).clamp(min=1)
@@ -756,14 +759,39 @@ def train(args: RecipeArgs, out: Path, log) -> dict:
     return meta
 
 
+def reevaluate(out: Path, threads: int) -> dict:
+    """Measure a saved model's final metrics again with this code (e.g. for a log older than a new measure),
+    as they are from its saved weights; the metrics measured when training ended are kept beside them."""
+    from transformers import LlavaForConditionalGeneration, LlavaProcessor
+
+    torch.set_num_threads(threads)
+    meta = json.loads((out / "recipe.json").read_text())
+    model = LlavaForConditionalGeneration.from_pretrained(out)
+    model.set_attn_implementation("sdpa")
+    batcher = Batcher(LlavaProcessor.from_pretrained(out))
+    args = meta["args"]
+    meta.setdefault("metrics_at_training_end", meta["metrics"])
+    meta["metrics"] = evaluate(
+        model, batcher, args["final_eval_n"], 20_000 + args["seed"], args.get("multi_frac", 0) > 0
+    )
+    atomic_write_json(out / "recipe.json", meta)
+    return meta
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
+    parser.add_argument(
+        "--evaluate-only", action="store_true", help="re-measure the saved model in --out (metrics in recipe.json)"
+    )
     for f, v in asdict(RecipeArgs()).items():
         parser.add_argument("--" + f.replace("_", "-"), type=type(v), default=v)
     ns = parser.parse_args(argv)
     out = ns.out
-    args = RecipeArgs(**{k: v for k, v in vars(ns).items() if k != "out"})
+    if ns.evaluate_only:
+        print(json.dumps(reevaluate(out, ns.threads)["metrics"]))
+        return
+    args = RecipeArgs(**{k: v for k, v in vars(ns).items() if k not in ("out", "evaluate_only")})
     out.mkdir(parents=True, exist_ok=True)
     logf = open(out / "train.log", "a")
 
