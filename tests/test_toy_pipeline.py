@@ -110,7 +110,8 @@ def test_bench_toy_json_and_resume(shipped, tmp_path, capsys, monkeypatch):
     }
     assert set(result["methods"]) == expected
     for row in result["methods"].values():
-        assert set(row["accuracy"]) <= {"fine", "coarse", "yesno", "overall"} and "overall" in row["accuracy"]
+        kinds = {f"coarse/{kind}" for kind in world.COARSE_TEMPLATES}
+        assert set(row["accuracy"]) <= {"fine", "coarse", "yesno", "overall", *kinds} and "overall" in row["accuracy"]
         assert row["relative_throughput"] > 0
     assert result["methods"]["base"]["relative_throughput"] == 1.0
     assert set(result["ablation_ladder"]) == {
@@ -167,3 +168,15 @@ def test_bench_of_another_toy_model_self_distils_its_rpn_first(shipped, tmp_path
     assert len(err) == 1 and "another model" in err[0]
     assert main(["bench", "toy", "--model", str(tmp_path), "--work", str(tmp_path / "w2")]) == 2
     assert "no recipe.json" in capsys.readouterr().err
+
+
+def test_accuracy_by_type_splits_coarse_questions_by_kind():
+    samples = world.make_samples(40, seed=4)
+    answers = [s.answer if s.attrs["subtype"] != "where" else "nowhere" for s in samples]
+    accuracy = pipeline.accuracy_by_type(samples, answers)
+    assert accuracy["coarse/where"] == 0.0 and accuracy["fine"] == 1.0
+    assert {k for k in accuracy if k.startswith("coarse/")} == {
+        f"coarse/{s.attrs['subtype']}" for s in samples if s.qtype == "coarse"
+    }
+    coarse = [s for s in samples if s.qtype == "coarse"]
+    assert accuracy["coarse"] == round(sum(s.attrs["subtype"] != "where" for s in coarse) / len(coarse), 4)

@@ -165,7 +165,7 @@ def _ratio(methods: dict, numerator: str, denominator: str) -> float | None:
 
 def format_table(result: dict) -> str:
     """A markdown table of accuracy per question type and relative throughput."""
-    qtypes = ["fine", "coarse", "yesno", "overall"]
+    qtypes = ["fine", "coarse", "coarse/where", "yesno", "overall"]
     lines = ["| method | " + " | ".join(qtypes) + " | relative throughput |", "|---" * (len(qtypes) + 2) + "|"]
     for name, row in result["methods"].items():
         cells = [f"{100 * row['accuracy'].get(q, float('nan')):.1f}" for q in qtypes]

@@ -224,11 +224,15 @@ def run_methods(
 
 
 def accuracy_by_type(samples: list[world.ToySample], answers: list[str]) -> dict[str, float]:
+    """Exact-match accuracy per question type and overall; coarse questions also per kind ("coarse/where"),
+    as a crop can help one kind (shape) and hurt another (where)."""
     scores: dict[str, list[bool]] = {}
     for sample, answer in zip(samples, answers):
         correct = answer.strip().lower() == sample.answer.strip().lower()
         scores.setdefault(sample.qtype, []).append(correct)
         scores.setdefault("overall", []).append(correct)
+        if sample.qtype == "coarse":
+            scores.setdefault(f"coarse/{sample.attrs['subtype']}", []).append(correct)
     return {qtype: round(sum(v) / len(v), 4) for qtype, v in sorted(scores.items())}
 
 

@@ -7,9 +7,10 @@ parameters, 4.6 MB in fp16; 112-px input = 7 x 7 visual tokens). It is a genuine
 the whole scene at low resolution, and learns nothing about RPNs. Stages:
 
 a. Vision pretraining (our stand-in for a pretrained CLIP): linear heads on every projected patch
-   token predict the object colour / shape present in that patch (scenes and crops) and the mark
-   colour (crops only, where it is legible); positive and negative patches are averaged separately so
-   the rare positive patches weigh as much as the empty ones.
+   token predict the object colour / shape present in that patch (scenes and crops), the mark colour
+   (crops only, where it is legible) and, on scene tokens, the object's 3 x 3 cell (the "where" probe,
+   ``--where-weight``); positive and negative patches are averaged separately so the rare positive
+   patches weigh as much as the empty ones.
 b. The whole MLLM on question/answer pairs, from single scenes ("USER: <image>\\n{q} ASSISTANT:") and
    from scene + crop pairs ("USER: <image><image>\\n{q} ASSISTANT:", the crop's visual tokens right
    after the scene's, both at the same 112-px input - the sequence SD-RPN's second stage builds).
@@ -21,22 +22,29 @@ b. The whole MLLM on question/answer pairs, from single scenes ("USER: <image>\\
 
 Logged while training: accuracy per question type (scene only, oracle crop) and the attention-on-
 target ratio per layer (eager attention; mean attention of a query position over the target's
-visual tokens divided by its mean over all scene tokens; 1.0 = uniform) for two query positions:
-the last prompt token (which predicts the answer; SD-RPN's RPN query) and the first answer token
-(SD-RPN's teacher labels average the response tokens' attention).
+visual tokens divided by its mean over all scene tokens; 1.0 = uniform) and how often the target holds
+the top-1 token, for three query positions: the last prompt token (which predicts the answer; SD-RPN's
+RPN query), the first answer token, and "teacher", the mean over every position that predicts an answer
+token (the map SD-RPN's labels are made from; the toy's label layers are read off it, see
+`sdrpn.toyworld.pipeline.label_layers_from_recipe`). ``--evaluate-only`` measures a saved model again.
 
-Shipped run (seed 0, the defaults; 1507 s of training on 2 cores; 400 fresh samples per type): fine (mark
-colour) 18% from the scene alone (chance 20%) vs 97% with the oracle crop; coarse 72% from the scene and 65%
-with the oracle crop; yes/no 99.5%. The last prompt token's attention on the target, fine questions, per
-layer: 30x / 19x / 40x / 16x uniform, top-1 token = target in 81% / 81% / 95% / 47% of scenes (hence the
-toy's label layers 0-2).
+Shipped run (``python -m sdrpn.toyworld.recipe --seed 0``, the defaults; 2099 s of training on 2 cores,
+400 fresh samples per type): fine (mark colour) 16% from the scene alone (chance 20%) vs 98% with the
+oracle crop; coarse 73% from the scene and 73% with the oracle crop; yes/no 99%. Teacher map on fine
+questions, per layer: 12x / 2x / 18x / 2x uniform, top-1 token = target in 52% / 6% / 95% / 17% of scenes
+(hence the toy's label layer 2).
 
-Why these defaults: with half of the target crops exactly centred (`--centred-frac 0.5 --shift-frac 0`),
-the model read a crop reliably only when the mark sat at its centre: RoI windows 0-10 px off the mark were
-read right 89% of the time (2-layer tower, seed 99), and the RPN's fine accuracy stayed at 79-88%. With 85%
-of the crops shifted (the mark up to 30% of the side off centre) it is 92% on seed 99. The first shipped
-setting (1-layer tower, 3000 steps, pair mix 0.6 / 0.25) also lost 7-13 coarse points whenever crop tokens
-followed the scene's; the longer stage b with more coarse pair questions halves that.
+Why these defaults:
+- Crops off centre. With half of the target crops exactly centred (``--centred-frac 0.5 --shift-frac 0``),
+  the model read a crop reliably only when the mark sat at its centre: RoI windows 0-10 px off the mark
+  were read right 89% of the time (2-layer tower, seed 99). With 85% of the crops shifted (the mark up to
+  30% of the side off centre) it is 92% on seed 99.
+- The "where" probe at 0.6. Without it (``--where-weight 0``), the model answered "where is the object ?"
+  from the place of the object's token in the sequence, and the crop tokens SD-RPN inserts after the
+  scene's moved it: "where" fell from 90% to 73% with SD-RPN and 62% with the oracle crop (seed 99). The
+  probe puts the cell into the token's content. At 1.0 (seeds 0 and 1) the answers survived crops, but the
+  answer's attention found the target less often (teacher top-1 83-90%) and SD-RPN read 72-79% of marks;
+  at 0.3 "where" still fell; 0.6 keeps both (see docs/benchmarks.md, "What was tried").
 
 Saves into DIR: ``config.json``/``model.safetensors`` (fp16 storage, reloads as fp32), the processor
 files, ``recipe.json`` (arguments, seed, versions, metrics, wall time) and ``train.log``; a resumable
