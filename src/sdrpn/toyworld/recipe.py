@@ -39,12 +39,13 @@ Why these defaults:
   the model read a crop reliably only when the mark sat at its centre: RoI windows 0-10 px off the mark
   were read right 89% of the time (2-layer tower, seed 99). With 85% of the crops shifted (the mark up to
   30% of the side off centre) it is 92% on seed 99.
-- The "where" probe at 0.6. Without it (``--where-weight 0``), the model answered "where is the object ?"
-  from the place of the object's token in the sequence, and the crop tokens SD-RPN inserts after the
-  scene's moved it: "where" fell from 90% to 73% with SD-RPN and 62% with the oracle crop (seed 99). The
-  probe puts the cell into the token's content. At 1.0 (seeds 0 and 1) the answers survived crops, but the
-  answer's attention found the target less often (teacher top-1 83-90%) and SD-RPN read 72-79% of marks;
-  at 0.3 "where" still fell; 0.6 keeps both (see docs/benchmarks.md, "What was tried").
+- The "where" probe at 0.6. Without it (``--where-weight 0 --crop-shape-whole 0`` are the earlier model's
+  settings), the model answered "where is the object ?" from the place of the object's token in the
+  sequence, and the crop tokens SD-RPN inserts after the scene's moved it: "where" fell from 88.9% to 83.3%
+  with SD-RPN (seed 99), and SD-RPN lost 3.7 coarse points on seed 7. The probe puts the cell into the
+  token's content. At 1.0 (seeds 0 and 1) "where" held, but the teacher map found the target less often
+  (top-1 83-86% at the best layer) and SD-RPN read 51-72% of marks; at 0.3 "where" fell to 72%; 0.6 keeps
+  both (docs/benchmarks.md, "What was tried").
 
 Saves into DIR: ``config.json``/``model.safetensors`` (fp16 storage, reloads as fp32), the processor
 files, ``recipe.json`` (arguments, seed, versions, metrics, wall time) and ``train.log``; a resumable
