@@ -52,7 +52,7 @@ def test_demo_runs_and_writes_overlays(shipped, tmp_path, capsys):
 
 
 def test_demo_train_rpn_redoes_self_distillation(shipped, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(pipeline, "TOY_LABELS", FAST_LABELS)
+    monkeypatch.setattr(pipeline, "toy_label_settings", lambda model_dir: FAST_LABELS)
     code = main(
         [
             "demo",

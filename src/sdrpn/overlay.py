@@ -51,8 +51,9 @@ def with_crops(picture: Image.Image, image: Image.Image, boxes: list[PixelBox], 
     side = picture.height // len(boxes) - gap
     strip = Image.new("RGB", (picture.width + gap + side, picture.height), (255, 255, 255))
     strip.paste(picture, (0, 0))
+    source = image.convert("RGB")
     for index, box in enumerate(boxes):
-        crop = image.convert("RGB").crop(box)
+        crop = source.crop(box)
         scale = side / max(crop.size)
         size = (max(1, round(crop.width * scale)), max(1, round(crop.height * scale)))
         crop = crop.resize(size, Image.NEAREST if scale >= 1 else Image.BICUBIC)  # enlarged pixels stay sharp

@@ -68,7 +68,7 @@ TOY_LABELS = toy_label_settings(shipped_model_dir())
 
 
 def load_toy(rpn: str | Path | None = None) -> tuple[FamilyAdapter, RegionProposalNetwork]:
-    adapter = load_model(str(shipped_model_dir()))
+    adapter = load_toy_model()
     network = load_rpn(rpn or shipped_dir("rpn"), adapter)
     return adapter, network
 
@@ -118,7 +118,7 @@ def self_distill(
     progress: bool = True,
 ) -> RegionProposalNetwork:
     """Labels from the model's own attention on fresh scenes, then RPN training (paper Algorithm 1). The label
-    settings default to the shipped model's (`TOY_LABELS`)."""
+    layers default to those the model's own recipe log gives (`toy_label_settings`)."""
     work_dir = Path(work_dir)
     label_dir = Path(label_dir) if label_dir else work_dir / "labels"
     toy = label_scenes(samples, seed, binding_frac)
@@ -126,7 +126,7 @@ def self_distill(
         adapter,
         as_samples(toy),
         label_dir,
-        label_settings or TOY_LABELS,
+        label_settings or toy_label_settings(Path(adapter.name_or_path)),
         batch_size=32,
         progress=progress,
         open_image=open_toy_image,
