@@ -76,7 +76,7 @@ def test_ask_json_and_overlay(model_dir, rpn_dir, image_path, tmp_path, capsys, 
     assert result["method"] == method
     assert isinstance(result["answer"], str)
     assert result["overlay"] == str(overlay)
-    assert set(result["timings"]) == {"roi", "encode_crops", "generate", "total"}
+    assert set(result["timings"]) == {"roi", "encode_crops", "generate", "total", "batch_size"}
     assert all(v >= 0 for v in result["timings"].values())
     width, height = IMAGE_SIZE
     for x0, y0, x1, y1 in result["boxes"]:

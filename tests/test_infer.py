@@ -70,10 +70,12 @@ def test_box_upscaling_gives_one_full_crop_per_box(adapter):
     prediction = _two_component_prediction(image)
     zoom = Zoom(adapter, settings=InferSettings(method="base"))
     with torch.no_grad():
-        tokens = zoom.crop_tokens(image, prediction, "box")
-        expected, _ = adapter.encode_images([image.crop(b) for b in prediction.boxes])
-    assert tokens.shape == (32, adapter.attention_shape.hidden_size)
-    torch.testing.assert_close(tokens, torch.cat(expected))
+        crops = zoom.crop_tokens(image, prediction, "box")
+        expected, _ = adapter.encode_crops([image.crop(b) for b in prediction.boxes])
+    assert len(crops) == 2 and all(c.keep is None for c in crops)
+    for crop, reference in zip(crops, expected):
+        assert crop.grid == reference.grid and crop.kept == crop.grid[0] * crop.grid[1]
+        torch.testing.assert_close(crop.features, reference.features)
 
 
 def test_mask_upscaling_keeps_only_crop_tokens_under_the_mask(adapter):
@@ -82,12 +84,14 @@ def test_mask_upscaling_keeps_only_crop_tokens_under_the_mask(adapter):
     zoom = Zoom(adapter, settings=InferSettings(method="base"))
     crop = image.crop(prediction.union_box)
     with torch.no_grad():
-        tokens = zoom.crop_tokens(image, prediction, "mask")
-        features, geometries = adapter.encode_images([crop])
+        (masked,) = zoom.crop_tokens(image, prediction, "mask")
+        (whole,), geometries = adapter.encode_crops([crop])
     keep = crop_token_mask(prediction.regions.mask, prediction.geometry, prediction.union_box, geometries[0])
-    assert 0 < keep.sum() < 16
-    assert tokens.shape == (int(keep.sum()), adapter.attention_shape.hidden_size)
-    torch.testing.assert_close(tokens, features[0][torch.from_numpy(keep.reshape(-1))])
+    assert 0 < keep.sum() < keep.size
+    assert masked.grid == whole.grid and masked.kept == int(keep.sum())
+    torch.testing.assert_close(masked.features, whole.features)  # every token kept for positions, then pruned
+    assert torch.equal(masked.keep, torch.from_numpy(keep.reshape(-1)))
+    torch.testing.assert_close(masked.kept_features(), whole.features[torch.from_numpy(keep.reshape(-1))])
     # The union box is b_all of Eq. 8: one crop around both components, not the whole image.
     assert prediction.union_box != (0, 0, *image.size)
 
@@ -145,9 +149,8 @@ def test_no_region_gives_exactly_the_base_answer(adapter, fresh_rpn):
     assert [r.answer for r in results] == [r.answer for r in base]
 
     batch = zoom._prepare(images, BATCH_QUESTIONS)
-    dim = adapter.attention_shape.hidden_size
     with torch.no_grad():
-        ours = adapter.generate(batch, [torch.zeros(0, dim)] * 3, max_new_tokens=NEW_TOKENS)
+        ours = adapter.generate(batch, [[], [], []], max_new_tokens=NEW_TOKENS)
         stock = adapter.model.generate(**batch.inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
     stock = stock[:, batch.inputs["input_ids"].shape[1] :]
     assert torch.equal(ours, stock)
@@ -158,7 +161,7 @@ def test_zeroed_rpn_map_gives_the_base_answer(adapter, fresh_rpn, monkeypatch):
     image, question = _images()[0], BATCH_QUESTIONS[2]
     zoom = Zoom(adapter, fresh_rpn, InferSettings(max_new_tokens=NEW_TOKENS))
     base = zoom.ask(image, question, method="base")
-    monkeypatch.setattr(zoom, "roi_maps", lambda batch, method: np.zeros((batch.size, *batch.grid)))
+    monkeypatch.setattr(zoom, "roi_maps", lambda batch, method: [np.zeros(grid) for grid in batch.grids])
     result = zoom.ask(image, question)
     assert (result.answer, result.extra_tokens, result.boxes) == (base.answer, 0, [])
 
@@ -215,7 +218,7 @@ def _eager_last_token_attention(adapter, batch, layer: int) -> torch.Tensor:
     output = adapter.model(**batch.inputs, position_ids=batch.position_ids, output_attentions=True, use_cache=False)
     attention = output.attentions[layer]  # (B, heads, T, T)
     rows = torch.arange(batch.size)[:, None]
-    return attention[:, :, -1, :].mean(1)[rows, batch.visual_positions].view(batch.size, *batch.grid)
+    return batch.per_sample(attention[:, :, -1, :].mean(1)[rows, batch.visual_positions])
 
 
 def test_vicrop_map_equals_a_direct_eager_computation(adapter):
@@ -223,7 +226,7 @@ def test_vicrop_map_equals_a_direct_eager_computation(adapter):
     layer = 2
     zoom = Zoom(adapter, settings=InferSettings(method="vicrop", vicrop_layer=layer))
     batch = zoom._prepare(images, BATCH_QUESTIONS)
-    maps = zoom._vicrop_maps(batch)
+    maps = zoom.roi_maps(batch, "vicrop")
 
     generic = adapter.prepare(batch.images, [[GENERIC_PROMPT]] * batch.size)
     adapter.model.set_attn_implementation("eager")
@@ -240,23 +243,24 @@ def test_vicrop_map_equals_a_direct_eager_computation(adapter):
         adapter.model.set_attn_implementation("sdpa")
     assert adapter.model.config.text_config._attn_implementation == "sdpa"
 
-    ratio = specific_rows / generic_rows
-    expected = (ratio / ratio.flatten(1).amax(-1)[:, None, None]).numpy()
-    assert maps.shape == (3, 4, 4)
-    np.testing.assert_allclose(maps, expected, atol=1e-5, rtol=0)
-    assert np.allclose(maps.reshape(3, -1).max(-1), 1.0)
-    ratio_alone = alone_rows / alone_generic_rows
-    np.testing.assert_allclose(maps[0], (ratio_alone / ratio_alone.max())[0].numpy(), atol=1e-5, rtol=0)
+    assert [m.shape for m in maps] == batch.grids
+    for got, specific, generic in zip(maps, specific_rows, generic_rows):
+        ratio = specific / generic
+        np.testing.assert_allclose(got, (ratio / ratio.max()).numpy(), atol=1e-5, rtol=0)
+        assert np.isclose(got.max(), 1.0)
+    ratio_alone = alone_rows[0] / alone_generic_rows[0]
+    np.testing.assert_allclose(maps[0], (ratio_alone / ratio_alone.max()).numpy(), atol=1e-5, rtol=0)
     # Not the trivial map: the question changes where the last token looks.
-    assert not np.allclose(maps, 1.0, atol=1e-3)
+    assert not all(np.allclose(m, 1.0, atol=1e-3) for m in maps)
 
 
 def test_vicrop_default_layer_is_the_first_label_layer(adapter):
     images = _images()[:1]
     default = Zoom(adapter, settings=InferSettings(method="vicrop"))
-    explicit = Zoom(adapter, settings=InferSettings(method="vicrop", vicrop_layer=min(adapter.default_label_heads())))
+    first_layer = min(adapter.defaults().label_heads)
+    explicit = Zoom(adapter, settings=InferSettings(method="vicrop", vicrop_layer=first_layer))
     batch = default._prepare(images, BATCH_QUESTIONS[:1])
-    np.testing.assert_array_equal(default._vicrop_maps(batch), explicit._vicrop_maps(batch))
+    np.testing.assert_array_equal(default.roi_maps(batch, "vicrop")[0], explicit.roi_maps(batch, "vicrop")[0])
 
 
 # --- predict_roi ----------------------------------------------------------------------------------
@@ -312,14 +316,15 @@ def test_windows_replace_token_boxes_and_masked_upscaling_keeps_their_tokens(ada
 def test_raw_attention_uses_the_heads_the_rpn_was_distilled_from(adapter):
     torch.manual_seed(0)
     rpn = RegionProposalNetwork(adapter, 2, 3).eval()
-    assert Zoom(adapter, rpn).teacher_heads() == adapter.default_label_heads()  # no label settings recorded
+    assert Zoom(adapter, rpn).teacher_heads() == adapter.defaults().label_heads  # no label settings recorded
     rpn.config.label_settings = {"label_heads": {"3": [0, 1]}}  # as JSON stores it
     zoom = Zoom(adapter, rpn, InferSettings(max_new_tokens=NEW_TOKENS))
-    assert zoom.teacher_heads() == {3: [0, 1]} != adapter.default_label_heads()
+    assert zoom.teacher_heads() == {3: [0, 1]} != adapter.defaults().label_heads
     batch = zoom._prepare(_images(), BATCH_QUESTIONS)
     maps = zoom.roi_maps(batch, "raw-attention")
     expected = teacher_attention(adapter, batch, {3: [0, 1]}, max_new_tokens=NEW_TOKENS).roi_maps
-    np.testing.assert_allclose(maps, (expected / expected.flatten(1).amax(-1)[:, None, None]).numpy(), atol=1e-6)
+    for got, reference in zip(maps, expected):
+        np.testing.assert_allclose(got, (reference / reference.max()).numpy(), atol=1e-6)
 
 
 # --- bad input ------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import torch
 
 from sdrpn.data import read_samples
 from sdrpn.errors import SdrpnError
-from sdrpn.labeling import LabelCache, LabelSettings, generate_labels, layer_heads_from_text, make_labels
+from sdrpn.labeling import LabelCache, LabelSettings, generate_labels, label_heads_from_text, make_labels
 from sdrpn.labels import assign_labels, remove_sinks
 
 SETTINGS = LabelSettings(max_new_tokens=3)
@@ -88,16 +88,17 @@ def test_sink_rules_and_layer_parsing():
     raw[0, 0, 0], raw[0, 3, 3] = 1.0, 0.5  # a sink in the corner, the object in the other
     sinks = torch.zeros(1, 4, 4)
     sinks[0, 0, 0] = 0.5
-    by_attention = make_labels(raw, None, sinks, LabelSettings(sink_rule="attention"))
+    by_attention = make_labels(raw[0], None, sinks[0], LabelSettings(sink_rule="attention", sink_threshold=1e-3))[None]
     assert by_attention[0, 3, 3] == 1 and by_attention[0, 0, 0] == 0 and int((by_attention == 1).sum()) == 1
     norms = torch.ones(1, 4, 4)
     norms[0, 0, 0] = 50.0
-    assert torch.equal(make_labels(raw, norms, None, LabelSettings()), by_attention)
-    kept = make_labels(raw, None, None, LabelSettings(sink_rule="none"))
+    assert torch.equal(make_labels(raw[0], norms[0], None, LabelSettings(sink_rule="norm"))[None], by_attention)
+    kept = make_labels(raw[0], None, None, LabelSettings(sink_rule="none"))
     assert bool((kept == -1).all())  # with the sink as foreground the box spans the grid: dropped
-    assert layer_heads_from_text("14:24,13,26;15") == {14: [24, 13, 26], 15: None}
+    assert label_heads_from_text("14:24,13,26;15") == {14: [24, 13, 26], 15: None}
+    assert label_heads_from_text("text-rich") == "text-rich"  # a named set of the model's
     with pytest.raises(SdrpnError, match="cannot parse"):
-        layer_heads_from_text("x:1")
+        label_heads_from_text("x:1")
     with pytest.raises(SdrpnError, match="sink_rule"):
         LabelSettings(sink_rule="magic")
     assert json.loads(json.dumps(LabelSettings(label_heads={3: [1]}).to_json()))["label_heads"] == {"3": [1]}

@@ -18,10 +18,9 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
-from sdrpn.models.base import FamilyAdapter, PromptBatch
+from sdrpn.models.base import FamilyAdapter, LayerHeads, PromptBatch
 
 CAPTURE_IMPLEMENTATION = "sdrpn_capture"
-LayerHeads = dict[int, list[int] | None]  # layer index -> heads to average (None = all heads)
 
 
 class RowRecorder:
@@ -30,7 +29,7 @@ class RowRecorder:
     def __init__(self, heads: list[int] | None, visual_positions: torch.Tensor):
         self.heads = heads
         self.visual_positions = visual_positions
-        self.rows: list[torch.Tensor] = []  # each (B, N_v)
+        self.rows: list[torch.Tensor] = []  # each (B, N_max)
 
     def record(self, query, key, attention_mask, scaling: float) -> None:
         last_query = query[:, :, -1:, :].float()  # (B, H, 1, D)
@@ -99,14 +98,14 @@ def capture_hidden_norms(adapter: FamilyAdapter, layer: int, visual_positions: t
 
 @dataclass
 class TeacherOutput:
-    """What the frozen MLLM says and where it looked while saying it."""
+    """What the frozen MLLM says and where it looked while saying it; maps are per sample, on its own grid."""
 
     answers: list[str]
     token_ids: torch.Tensor  # (B, L) generated ids
     response_lengths: torch.Tensor  # (B,) steps until (and including) EOS
-    roi_maps: torch.Tensor  # (B, H, W) mean over layers, heads and response tokens
-    norms: torch.Tensor | None  # (B, H, W) visual hidden-state norms at the norm layer
-    sink_maps: torch.Tensor | None  # (B, H, W) attention of the sink heads (released code's sink rule)
+    roi_maps: list[torch.Tensor]  # (H_i, W_i) mean over layers, heads and response tokens
+    norms: list[torch.Tensor] | None  # (H_i, W_i) visual hidden-state norms at the norm layer
+    sink_maps: list[torch.Tensor] | None  # (H_i, W_i) attention of the sink heads (released code's sink rule)
 
 
 def response_lengths(token_ids: torch.Tensor, eos_ids: list[int]) -> torch.Tensor:
@@ -148,26 +147,23 @@ def teacher_attention(
             norms = stack.enter_context(capture_hidden_norms(adapter, norm_layer, batch.visual_positions))
         token_ids = adapter.generate(batch, max_new_tokens=max_new_tokens)
     lengths = response_lengths(token_ids, adapter.eos_token_ids)
-    grid = (batch.size, *batch.grid)
-    roi = _mean_over_steps([recorders[layer] for layer in label_heads], lengths).view(grid)
-    sinks = None
-    if sink_heads:
-        sinks = _mean_over_steps([recorders[layer] for layer in sink_heads], lengths).view(grid)
+    roi = _mean_over_steps([recorders[layer] for layer in label_heads], lengths)
+    sinks = _mean_over_steps([recorders[layer] for layer in sink_heads], lengths) if sink_heads else None
     return TeacherOutput(
         answers=adapter.decode(token_ids),
         token_ids=token_ids,
         response_lengths=lengths,
-        roi_maps=roi,
-        norms=norms[0].view(grid) if norms else None,
-        sink_maps=sinks,
+        roi_maps=batch.per_sample(roi),
+        norms=batch.per_sample(norms[0]) if norms else None,
+        sink_maps=batch.per_sample(sinks) if sinks is not None else None,
     )
 
 
 @torch.no_grad()
-def prompt_attention(adapter: FamilyAdapter, batch: PromptBatch, layer_heads: LayerHeads) -> torch.Tensor:
-    """Attention (B, H, W) of the last prompt token to the image, from one prompt pass (ViCrop's signal)."""
+def prompt_attention(adapter: FamilyAdapter, batch: PromptBatch, layer_heads: LayerHeads) -> list[torch.Tensor]:
+    """Attention (H_i, W_i) of each sample's last prompt token to its image, from one prompt pass (ViCrop's)."""
     with capture_rows(adapter, layer_heads, batch.visual_positions) as recorders:
         embeds = adapter.input_embeddings(batch)
         adapter.run_layers(embeds, batch, list(adapter.decoder_layers)[: max(layer_heads) + 1])
     rows = torch.stack([r.stacked()[:, -1] for r in recorders.values()]).mean(0)
-    return rows.view(batch.size, *batch.grid)
+    return batch.per_sample(rows)

@@ -13,9 +13,23 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 
 def _add_model(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="hub name (llava-hf/llava-1.5-7b-hf), local directory, or 'toy'")
+    parser.add_argument(
+        "--model", required=True, help="hub name (Qwen/Qwen2.5-VL-7B-Instruct), local directory, or 'toy'"
+    )
     parser.add_argument("--dtype", choices=DTYPES, default=None, help="weights dtype (default float32)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: where it loads)")
+    parser.add_argument(
+        "--min-pixels",
+        type=int,
+        default=None,
+        help="Qwen2.5-VL: fewest pixels an image is resized to (default: 576x28x28)",
+    )
+    parser.add_argument(
+        "--max-pixels",
+        type=int,
+        default=None,
+        help="Qwen2.5-VL: most pixels an image is resized to (default: 576x28x28)",
+    )
 
 
 def _load_adapter(args):
@@ -24,16 +38,9 @@ def _load_adapter(args):
     from sdrpn.models import load_model
 
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    return load_model(_shipped(args.model, "mllm"), dtype=dtype, device=args.device)
-
-
-def _shipped(name: str | None, kind: str) -> str | None:
-    """'toy' names the shipped demo MLLM (kind 'mllm') or its RPN (kind 'rpn')."""
-    if name != "toy":
-        return name
-    from sdrpn.toyworld.pipeline import shipped_dir
-
-    return str(shipped_dir(kind))
+    return load_model(
+        args.model, dtype=dtype, device=args.device, min_pixels=args.min_pixels, max_pixels=args.max_pixels
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,8 +56,15 @@ def build_parser() -> argparse.ArgumentParser:
     label.add_argument("--seed", type=int, default=0)
     label.add_argument("--batch-size", type=int, default=4)
     label.add_argument("--shard-size", type=int, default=256)
-    label.add_argument("--layers", default=None, help="label layers:heads, e.g. '14:24,13,26' (default: the model's)")
-    label.add_argument("--sink-rule", choices=("norm", "attention", "none"), default="norm")
+    label.add_argument(
+        "--label-heads",
+        "--layers",
+        default=None,
+        help="label layers:heads, e.g. '14:24,13,26;15', or a named set of the model ('text-rich', 'natural'); "
+        "default: the model's",
+    )
+    label.add_argument("--sink-rule", choices=("norm", "attention", "none"), default=None, help="default: the model's")
+    label.add_argument("--sink-threshold", type=float, default=None, help="attention sink rule threshold")
     label.add_argument("--tau-norm", type=float, default=None, help="sink norm threshold (default: median + 5 MAD)")
     label.add_argument("--fg", type=float, default=0.2)
     label.add_argument("--bg", type=float, default=0.1)
@@ -80,7 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--rpn", default=None, help="RPN checkpoint folder, or 'toy' (needed for --method sdrpn)")
     ask.add_argument("--image", required=True)
     ask.add_argument("--question", required=True)
-    ask.add_argument("--method", choices=("sdrpn", "base", "raw-attention", "vicrop"), default=None)
+    ask.add_argument(
+        "--method", default=None, help="sdrpn, base, raw-attention or vicrop (default: sdrpn with --rpn, else base)"
+    )
     ask.add_argument("--upscale", choices=("mask", "box"), default="mask")
     ask.add_argument("--tau", type=float, default=None, help="RoI threshold in (0, 1) (default 0.15)")
     ask.add_argument(
@@ -133,11 +149,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_label(args) -> int:
     from sdrpn.data import read_samples, shuffled_subset
-    from sdrpn.labeling import LabelSettings, generate_labels, layer_heads_from_text
+    from sdrpn.labeling import LabelSettings, generate_labels, label_heads_from_text
 
     settings = LabelSettings(
-        label_heads=layer_heads_from_text(args.layers) if args.layers else None,
+        label_heads=label_heads_from_text(args.label_heads) if args.label_heads else None,
         sink_rule=args.sink_rule,
+        sink_threshold=args.sink_threshold,
         tau_norm=args.tau_norm,
         fg=args.fg,
         bg=args.bg,
@@ -191,7 +208,7 @@ def cmd_ask(args) -> int:
     adapter = _load_adapter(args)
     zoom = load(
         adapter,
-        _shipped(args.rpn, "rpn"),
+        args.rpn,
         method=args.method,
         upscale=args.upscale,
         tau=args.tau,

@@ -10,6 +10,7 @@ No region -> no extra tokens -> exactly the base model's answer.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -20,7 +21,8 @@ from sdrpn.attention import prompt_attention, teacher_attention
 from sdrpn.errors import SdrpnError
 from sdrpn.images import load_image
 from sdrpn.labeling import LabelSettings
-from sdrpn.models import FamilyAdapter, PromptBatch, load_model
+from sdrpn.models import CropTokens, FamilyAdapter, PromptBatch, load_model
+from sdrpn.models.base import LayerHeads
 from sdrpn.roi import (
     Geometry,
     PixelBox,
@@ -37,8 +39,8 @@ from sdrpn.roi import (
     windows_px,
 )
 from sdrpn.rpn import RegionProposalNetwork, load_rpn
+from sdrpn.shipped import resolve
 
-METHODS = ("sdrpn", "base", "raw-attention", "vicrop")
 UPSCALES = ("mask", "box")
 GENERIC_PROMPT = "Write a general description of the image."
 
@@ -56,10 +58,9 @@ class InferSettings:
 
 
 def _check_choice(method: str, upscale: str) -> None:
-    """Reject an unknown method/upscale, also when given per call (else they would silently fall through
-    to vicrop / masked upscaling)."""
-    if method not in METHODS:
-        raise SdrpnError(f"method must be one of {METHODS}, got {method!r}")
+    """Reject an unknown method/upscale, also when given per call (else they would silently fall through)."""
+    if method not in METHODS or not METHODS[method].askable:
+        raise SdrpnError(f"method must be one of {askable_methods()}, got {method!r}")
     if upscale not in UPSCALES:
         raise SdrpnError(f"upscale must be one of {UPSCALES}, got {upscale!r}")
 
@@ -107,54 +108,30 @@ class Zoom:
         self._resolve(None, None)
 
     # --- stage 1 -------------------------------------------------------------------------------
-    def roi_maps(self, batch: PromptBatch, method: str) -> np.ndarray | None:
-        """(B, H, W) maps in [0, 1] for the method, or None for `base` (which never looks closer)."""
-        if method == "base":
-            return None
-        if method == "sdrpn":
-            with torch.no_grad():
-                logits, _ = self.rpn(batch)
-            last = logits[torch.arange(batch.size), [len(q) - 1 for q in batch.query_positions]]
-            return np.stack([probability_grid(row.cpu().numpy(), *batch.grid) for row in last])
-        if method == "raw-attention":
-            output = teacher_attention(
-                self.adapter, batch, self.teacher_heads(), max_new_tokens=self.settings.max_new_tokens
-            )
-            return _max_normalised(output.roi_maps)
-        return self._vicrop_maps(batch)
+    def roi_maps(self, batch: PromptBatch, method: str) -> list[np.ndarray] | None:
+        """Each sample's (H_i, W_i) map in [0, 1] for the method, or None for one that never looks closer."""
+        return METHODS[method].maps(self, batch)
 
-    def teacher_heads(self) -> dict[int, list[int] | None]:
+    def teacher_heads(self) -> LayerHeads:
         """The heads the RPN was distilled from (its label settings), else the model's default label heads:
         raw attention is then exactly the map the RPN learnt to predict."""
         recorded = self.rpn.config.label_settings if self.rpn is not None else None
         heads = LabelSettings(**recorded).label_heads if recorded else None
-        return heads or self.adapter.default_label_heads()
+        return heads if isinstance(heads, dict) and heads else self.adapter.defaults().label_heads
 
-    def _vicrop_maps(self, batch: PromptBatch) -> np.ndarray:
-        layer = self.settings.vicrop_layer
-        layer = min(self.adapter.default_label_heads()) if layer is None else layer
-        if not 0 <= layer < self.adapter.attention_shape.num_layers:
-            raise SdrpnError(
-                f"vicrop_layer {layer} does not exist in a {self.adapter.attention_shape.num_layers}-layer model"
-            )
-        heads = {layer: None}
-        specific = prompt_attention(self.adapter, batch, heads)
-        generic_batch = self.adapter.prepare(batch.images, [[GENERIC_PROMPT]] * batch.size)
-        generic = prompt_attention(self.adapter, generic_batch, heads)
-        return _max_normalised(specific / generic.clamp(min=1e-12))
-
-    def _regions(self, maps: np.ndarray, batch: PromptBatch, method: str) -> list[RoiPrediction]:
+    def regions(self, maps: list[np.ndarray], batch: PromptBatch, method: str) -> list[RoiPrediction]:
+        """Post-process each map on its own grid into regions and original-image boxes."""
         predictions = []
         for probability, geometry in zip(maps, batch.geometries):
             probability = np.where(image_cells(geometry), probability, 0.0)
-            if method == "vicrop":
+            if METHODS[method].one_window:
                 box = best_window(probability)
                 mask = np.zeros_like(probability, dtype=bool)
                 mask[box[0] : box[2], box[1] : box[3]] = True
                 regions = RoiRegions(probability=probability, mask=mask, boxes=[box])
             else:
                 regions = find_regions(probability, self.settings.roi)
-            windowed = self.settings.roi.window > 0 and method != "vicrop"
+            windowed = self.settings.roi.window > 0 and not METHODS[method].one_window
             if windowed:
                 boxes = windows_px(regions, geometry, self.settings.roi.window)
                 union = union_px(boxes) if boxes else None
@@ -171,24 +148,22 @@ class Zoom:
         maps = self.roi_maps(batch, method)
         if maps is None:
             return []
-        return self._regions(maps, batch, method)
+        return self.regions(maps, batch, method)
 
     # --- stage 2 -------------------------------------------------------------------------------
-    def crop_tokens(self, image: Image.Image, prediction: RoiPrediction, upscale: str) -> torch.Tensor:
-        """Visual tokens of the crop(s) of one image: one crop per box, or one masked crop of all."""
+    def crop_tokens(self, image: Image.Image, prediction: RoiPrediction, upscale: str) -> list[CropTokens]:
+        """The crops of one image: one per box with all its tokens, or one crop of all regions whose tokens
+        outside the RoI are marked as not kept (masked upscaling)."""
         if upscale == "box":
-            features, _ = self.adapter.encode_images([image.crop(box) for box in prediction.boxes])
-            return torch.cat(features)
-        return self._masked(image, prediction)
-
-    def _masked(self, image: Image.Image, prediction: RoiPrediction) -> torch.Tensor:
+            crops, _ = self.adapter.encode_crops([image.crop(box) for box in prediction.boxes])
+            return crops
         box = prediction.union_box
-        features, geometries = self.adapter.encode_images([image.crop(box)])
+        crops, geometries = self.adapter.encode_crops([image.crop(box)])
         if prediction.windowed:  # windows are pixel regions: keep the tokens inside them
             keep = crop_tokens_in_boxes(prediction.boxes, prediction.geometry, box, geometries[0])
         else:
             keep = crop_token_mask(prediction.regions.mask, prediction.geometry, box, geometries[0])
-        return features[0][torch.from_numpy(keep.reshape(-1)).to(features[0].device)]
+        return [replace(crops[0], keep=torch.from_numpy(keep.reshape(-1)))]
 
     def ask_batch(self, images, questions, method: str | None = None, upscale: str | None = None) -> list[ZoomResult]:
         """Answer a batch; every sample's answer equals what it gets alone (left padding, real positions)."""
@@ -196,11 +171,8 @@ class Zoom:
         started = time.perf_counter()
         batch = self._prepare(images, questions)
         maps = self.roi_maps(batch, method)
-        predictions = self._regions(maps, batch, method) if maps is not None else [None] * batch.size
-        roi_done = time.perf_counter()
-        if method == "vicrop":  # ViCrop feeds its one crop whole, as a second image
-            upscale = "box"
-        return self._answer(batch, predictions, method, upscale, started, roi_done)
+        predictions = self.regions(maps, batch, method) if maps is not None else [None] * batch.size
+        return self._answer(batch, predictions, method, METHODS[method].upscale or upscale, started)
 
     def ask_with_boxes(self, images, questions, boxes: list[list[PixelBox]]) -> list[ZoomResult]:
         """Answer with crops of given pixel boxes (one crop each, e.g. from an external detector)."""
@@ -215,45 +187,48 @@ class Zoom:
                 if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
                     raise SdrpnError(f"box {(x0, y0, x1, y1)} is empty or outside the {width} x {height} image")
             predictions.append(RoiPrediction(None, None, list(image_boxes), None, geometry))
-        return self._answer(batch, predictions, "given-boxes", "box", started, started)
+        return self._answer(batch, predictions, "given-boxes", METHODS["given-boxes"].upscale, started)
 
-    def _answer(self, batch, predictions, method: str, upscale: str, started: float, roi_done: float):
-        """Stage 2: crop tokens after the image tokens, decode; per-stage timings."""
-        extra = [
-            self.crop_tokens(image, p, upscale) if p is not None and p.boxes else None
-            for image, p in zip(batch.images, predictions)
-        ]
-        dim = self.adapter.attention_shape.hidden_size
-        extra = [t if t is not None else torch.zeros(0, dim, device=self.adapter.device) for t in extra]
+    def _answer(self, batch, predictions, method: str, upscale: str, started: float) -> list[ZoomResult]:
+        """Stage 2: crops after the image tokens, decode. Timings are per sample: its own crop encoding, and
+        the wall time of the batch's stages it shared (`batch_size` says with how many)."""
+        roi_done = time.perf_counter()
+        crops, encode_seconds = [], []
+        for image, prediction in zip(batch.images, predictions):
+            began = time.perf_counter()
+            crops.append(self.crop_tokens(image, prediction, upscale) if prediction and prediction.boxes else [])
+            encode_seconds.append(time.perf_counter() - began)
         encoded = time.perf_counter()
-        token_ids = self.adapter.generate(batch, extra, max_new_tokens=self.settings.max_new_tokens)
+        token_ids = self.adapter.generate(batch, crops, max_new_tokens=self.settings.max_new_tokens)
         answers = self.adapter.decode(token_ids)
         finished = time.perf_counter()
-        timings = {
-            "roi": roi_done - started,
-            "encode_crops": encoded - roi_done,
-            "generate": finished - encoded,
-            "total": finished - started,
-        }
         return [
             ZoomResult(
                 answer=answer,
                 method=method,
                 boxes=p.boxes if p is not None else [],
                 roi_map=p.probability if p is not None else None,
-                extra_tokens=len(tokens),
-                timings=timings,
+                extra_tokens=sum(c.kept for c in sample_crops),
+                timings={
+                    "roi": roi_done - started,
+                    "encode_crops": seconds,
+                    "generate": finished - encoded,
+                    "total": finished - started,
+                    "batch_size": batch.size,
+                },
                 geometry=geometry,
             )
-            for answer, p, tokens, geometry in zip(answers, predictions, extra, batch.geometries)
+            for answer, p, sample_crops, seconds, geometry in zip(
+                answers, predictions, crops, encode_seconds, batch.geometries
+            )
         ]
 
     def _resolve(self, method: str | None, upscale: str | None) -> tuple[str, str]:
         """Per-call choices fall back to the settings and are checked like them."""
         method, upscale = method or self.settings.method, upscale or self.settings.upscale
         _check_choice(method, upscale)
-        if method == "sdrpn" and self.rpn is None:
-            raise SdrpnError("method 'sdrpn' needs an RPN checkpoint (--rpn); or choose another --method")
+        if METHODS[method].needs_rpn and self.rpn is None:
+            raise SdrpnError(f"method {method!r} needs an RPN checkpoint (--rpn); or choose another --method")
         return method, upscale
 
     def ask(self, image, question: str, method: str | None = None, upscale: str | None = None) -> ZoomResult:
@@ -265,10 +240,81 @@ class Zoom:
         return self.adapter.prepare(images, conversations)
 
 
-def _max_normalised(maps: torch.Tensor) -> np.ndarray:
-    maps = maps.float()
-    peak = maps.flatten(1).amax(-1).clamp(min=1e-12)[:, None, None]
-    return (maps / peak).cpu().numpy()
+# --- methods: where stage 1 looks -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Method:
+    """A source of regions. `maps` gives each sample's map in [0, 1] (None: the method never looks closer);
+    `one_window` picks a single best window instead of thresholded regions; `upscale` forces how its crops
+    are fed; `askable` is False for methods that need more than an image and a question (given boxes)."""
+
+    name: str
+    maps: Callable[[Zoom, PromptBatch], list[np.ndarray] | None]
+    needs_rpn: bool = False
+    one_window: bool = False
+    upscale: str | None = None
+    askable: bool = True
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register_method(method: Method) -> Method:
+    if method.name in METHODS:
+        raise ValueError(f"method {method.name!r} is already registered")
+    METHODS[method.name] = method
+    return method
+
+
+def _no_maps(zoom: Zoom, batch: PromptBatch) -> None:
+    return None
+
+
+@torch.no_grad()
+def _rpn_maps(zoom: Zoom, batch: PromptBatch) -> list[np.ndarray]:
+    """The RPN's map for the last user turn of each sample, on the sample's grid."""
+    logits, _ = zoom.rpn(batch)
+    last = logits[torch.arange(batch.size), [len(q) - 1 for q in batch.query_positions]]
+    return [probability_grid(grid.cpu().numpy(), *grid.shape) for grid in batch.per_sample(last)]
+
+
+def _raw_attention_maps(zoom: Zoom, batch: PromptBatch) -> list[np.ndarray]:
+    """The paper's ablation 1: the model decodes once and its answer-to-image attention is the map."""
+    output = teacher_attention(zoom.adapter, batch, zoom.teacher_heads(), max_new_tokens=zoom.settings.max_new_tokens)
+    return [_max_normalised(m) for m in output.roi_maps]
+
+
+def _vicrop_maps(zoom: Zoom, batch: PromptBatch) -> list[np.ndarray]:
+    """ViCrop's relative attention: the last prompt token's map divided by the same for a generic prompt."""
+    layer = zoom.settings.vicrop_layer
+    layer = min(zoom.adapter.defaults().label_heads) if layer is None else layer
+    if not 0 <= layer < zoom.adapter.attention_shape.num_layers:
+        raise SdrpnError(
+            f"vicrop_layer {layer} does not exist in a {zoom.adapter.attention_shape.num_layers}-layer model"
+        )
+    heads = {layer: None}
+    specific = prompt_attention(zoom.adapter, batch, heads)
+    generic_batch = zoom.adapter.prepare(batch.images, [[GENERIC_PROMPT]] * batch.size)
+    generic = prompt_attention(zoom.adapter, generic_batch, heads)
+    return [_max_normalised(s / g.clamp(min=1e-12)) for s, g in zip(specific, generic)]
+
+
+register_method(Method("base", _no_maps))
+register_method(Method("sdrpn", _rpn_maps, needs_rpn=True))
+register_method(Method("raw-attention", _raw_attention_maps))
+register_method(Method("vicrop", _vicrop_maps, one_window=True, upscale="box"))  # its one crop fed whole
+register_method(Method("given-boxes", _no_maps, upscale="box", askable=False))  # `Zoom.ask_with_boxes`
+
+
+def askable_methods() -> tuple[str, ...]:
+    """What `ask` and `--method` offer."""
+    return tuple(name for name, method in METHODS.items() if method.askable)
+
+
+def _max_normalised(grid: torch.Tensor) -> np.ndarray:
+    grid = grid.float()
+    return (grid / grid.max().clamp(min=1e-12)).cpu().numpy()
 
 
 def load(
@@ -282,13 +328,23 @@ def load(
     max_new_tokens: int = 128,
     dtype: torch.dtype | None = None,
     device: str | None = None,
+    min_pixels: int | None = None,
+    max_pixels: int | None = None,
 ) -> Zoom:
-    """`sdrpn.load(model="llava-hf/llava-1.5-7b-hf", rpn="path")` -> a Zoom ready to `ask`."""
-    adapter = model if isinstance(model, FamilyAdapter) else load_model(model, dtype=dtype, device=device)
-    network = rpn if isinstance(rpn, RegionProposalNetwork) or rpn is None else load_rpn(rpn, adapter)
+    """`sdrpn.load(model="llava-hf/llava-1.5-7b-hf", rpn="path")` -> a Zoom ready to `ask`. `model="toy",
+    rpn="toy"` is the shipped demo pair. min/max_pixels: the resolution of families that choose it (Qwen2.5-VL)."""
+    if isinstance(model, FamilyAdapter):
+        adapter = model
+    else:
+        adapter = load_model(model, dtype=dtype, device=device, min_pixels=min_pixels, max_pixels=max_pixels)
+    if isinstance(rpn, RegionProposalNetwork) or rpn is None:
+        network = rpn
+    else:
+        network = load_rpn(resolve(str(rpn), "rpn"), adapter)
     if network is not None:
         network.to(adapter.device, adapter.dtype).eval()
-    roi = RoiSettings(**network.config.roi_settings) if network is not None else RoiSettings()
+    roi = adapter.defaults().roi  # the family's (or known checkpoint's), then the RPN's own, then the caller's
+    roi = RoiSettings(**network.config.roi_settings) if network is not None and network.config.roi_settings else roi
     roi = roi if tau is None else replace(roi, tau=tau)  # the RPN's own defaults, then the caller's choices
     roi = roi if window is None else replace(roi, window=window)
     settings = InferSettings(
@@ -300,4 +356,4 @@ def load(
     return Zoom(adapter, network, settings)
 
 
-__all__ = ["InferSettings", "RoiPrediction", "Zoom", "ZoomResult", "load"]
+__all__ = ["METHODS", "InferSettings", "Method", "RoiPrediction", "Zoom", "ZoomResult", "load", "register_method"]

@@ -9,6 +9,7 @@ decoding again.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -16,13 +17,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from sdrpn.attention import LayerHeads, teacher_attention
+from sdrpn.attention import teacher_attention
 from sdrpn.data import Sample
 from sdrpn.errors import SdrpnError
 from sdrpn.files import atomic_write, atomic_write_json
 from sdrpn.images import load_image
 from sdrpn.labels import assign_labels, remove_sinks, remove_sinks_by_attention
-from sdrpn.models.base import FamilyAdapter
+from sdrpn.models.base import FamilyAdapter, LayerHeads
 
 SETTINGS_NAME = "label_settings.json"
 SINK_RULES = ("norm", "attention", "none")
@@ -30,36 +31,54 @@ SINK_RULES = ("norm", "attention", "none")
 
 @dataclass
 class LabelSettings:
-    """How attention becomes labels. `None` fields take the adapter's defaults for the model."""
+    """How attention becomes labels. `None` fields take the adapter's defaults for the model (see
+    `FamilyAdapter.defaults`); `label_heads` may also name one of the model's head sets ("text-rich")."""
 
-    label_heads: dict[int, list[int] | None] | None = None  # layer -> heads (None = all)
-    sink_rule: str = "norm"  # "norm" (paper), "attention" (released code) or "none"
+    label_heads: dict[int, list[int] | None] | str | None = None  # layer -> heads (None = all), or a set's name
+    sink_rule: str | None = None  # "norm" (paper), "attention" (released code) or "none"
     norm_layer: int | None = None  # layer whose input hidden states give token norms (default: first label layer)
     tau_norm: float | None = None  # None: median + 5 MAD of each image's norms
-    sink_heads: dict[int, list[int] | None] | None = None  # for sink_rule="attention" (default: layer 2, all heads)
-    sink_threshold: float = 1e-3
+    sink_heads: dict[int, list[int] | None] | None = None  # for sink_rule="attention" (default: the model's)
+    sink_threshold: float | None = None
     fg: float = 0.2
     bg: float = 0.1
     max_box_frac: float = 0.5
     max_new_tokens: int = 128
 
     def __post_init__(self) -> None:
-        if self.sink_rule not in SINK_RULES:
+        if self.sink_rule is not None and self.sink_rule not in SINK_RULES:
             raise SdrpnError(f"sink_rule must be one of {SINK_RULES}, got {self.sink_rule!r}")
-        self.label_heads = _int_keys(self.label_heads)
+        if not isinstance(self.label_heads, str):
+            self.label_heads = _int_keys(self.label_heads)
         self.sink_heads = _int_keys(self.sink_heads)
 
     def resolved(self, adapter: FamilyAdapter) -> LabelSettings:
         """Fill model-dependent defaults, so the cache and the RPN record what was really used."""
-        label_heads = self.label_heads or adapter.default_label_heads()
+        defaults = adapter.defaults()
+        if isinstance(self.label_heads, str):
+            defaults = defaults.with_head_set(self.label_heads)
+        label_heads = self.label_heads if isinstance(self.label_heads, dict) and self.label_heads else None
+        label_heads = label_heads or defaults.label_heads
+        sink_rule = self.sink_rule or defaults.sink_rule
+        sink_heads = self.sink_heads or defaults.sink_heads
+        if sink_rule == "attention" and not sink_heads:
+            raise SdrpnError("the attention sink rule needs sink heads, and this model has none by default")
         num_layers = adapter.attention_shape.num_layers
-        for layer in label_heads:
-            if not 0 <= layer < num_layers:
-                raise SdrpnError(f"label layer {layer} does not exist (the model has {num_layers} layers)")
-        sink_heads = self.sink_heads or ({min(2, num_layers - 1): None} if self.sink_rule == "attention" else None)
+        for kind, layers in (("label", label_heads), ("sink", sink_heads or {})):
+            for layer in layers:
+                if not 0 <= layer < num_layers:
+                    raise SdrpnError(f"{kind} layer {layer} does not exist (the model has {num_layers} layers)")
         norm_layer = self.norm_layer if self.norm_layer is not None else min(label_heads)
+        threshold = self.sink_threshold if self.sink_threshold is not None else defaults.sink_threshold
         return LabelSettings(
-            **{**asdict(self), "label_heads": label_heads, "sink_heads": sink_heads, "norm_layer": norm_layer}
+            **{
+                **asdict(self),
+                "label_heads": label_heads,
+                "sink_rule": sink_rule,
+                "sink_heads": sink_heads if sink_rule == "attention" else None,
+                "sink_threshold": threshold,
+                "norm_layer": norm_layer,
+            }
         )
 
     def to_json(self) -> dict:
@@ -80,7 +99,7 @@ def denoise(raw: torch.Tensor, norms: torch.Tensor | None, sinks: torch.Tensor |
 
 
 def make_labels(raw: torch.Tensor, norms, sinks, settings: LabelSettings) -> torch.Tensor:
-    """Raw RoI maps (B, H, W) -> labels in {-1, 0, 1} (paper eq. 1-2)."""
+    """One sample's raw RoI map (H, W) -> labels in {-1, 0, 1} (paper eq. 1-2)."""
     return assign_labels(denoise(raw, norms, sinks, settings), settings.fg, settings.bg, settings.max_box_frac)
 
 
@@ -133,16 +152,20 @@ class LabelCache:
         return path
 
 
-def _record(sample: Sample, index: int, output, labels: torch.Tensor) -> dict:
+def _record(sample: Sample, index: int, output) -> dict:
+    """One sample's labels and what made them; every map is on the sample's own grid (recorded too)."""
+    raw = output.roi_maps[index].to(torch.float32).cpu()
+    norms = None if output.norms is None else output.norms[index].cpu()
+    sinks = None if output.sink_maps is None else output.sink_maps[index].cpu()
     return {
         "sample_id": sample.sample_id,
         "image": str(sample.image_path),
         "question": sample.question,
         "answer": output.answers[index],
-        "raw_map": output.roi_maps[index].to(torch.float32).cpu(),
-        "norms": None if output.norms is None else output.norms[index].cpu(),
-        "sink_map": None if output.sink_maps is None else output.sink_maps[index].cpu(),
-        "labels": labels[index].to(torch.int8).cpu(),
+        "grid": list(raw.shape),
+        "raw_map": raw,
+        "norms": norms,
+        "sink_map": sinks,
     }
 
 
@@ -177,7 +200,7 @@ def generate_labels(
             except SdrpnError as error:
                 report.bad.append(f"{sample.sample_id}: {error}")
         if chunk:
-            batch = adapter.prepare(images, [[s.question] for s in chunk])
+            batch = adapter.prepare(images, [[s.question] for s in chunk], training=True)
             output = teacher_attention(
                 adapter,
                 batch,
@@ -186,10 +209,12 @@ def generate_labels(
                 norm_layer=settings.norm_layer if settings.sink_rule == "norm" else None,
                 sink_heads=settings.sink_heads if settings.sink_rule == "attention" else None,
             )
-            labels = make_labels(output.roi_maps, output.norms, output.sink_maps, settings)
             for index, sample in enumerate(chunk):
-                pending.append(_record(sample, index, output, labels))
-                report.dropped += bool((labels[index] == -1).all())
+                record = _record(sample, index, output)
+                labels = make_labels(record["raw_map"], record["norms"], record["sink_map"], settings)
+                record["labels"] = labels.to(torch.int8)
+                pending.append(record)
+                report.dropped += bool((labels == -1).all())
             report.labelled += len(chunk)
         if len(pending) >= shard_size:
             cache.write_shard(pending)
@@ -201,8 +226,11 @@ def generate_labels(
     return report
 
 
-def layer_heads_from_text(text: str) -> LayerHeads:
-    """Parse '14:24,13,26;15' -> {14: [24, 13, 26], 15: None} (a layer without heads = all heads)."""
+def label_heads_from_text(text: str) -> LayerHeads | str:
+    """Parse '14:24,13,26;15' -> {14: [24, 13, 26], 15: None} (a layer without heads = all heads); a word
+    such as 'text-rich' names one of the model's head sets."""
+    if re.fullmatch(r"[A-Za-z][\w-]*", text.strip()):
+        return text.strip()
     result: LayerHeads = {}
     try:
         for part in filter(None, (p.strip() for p in text.split(";"))):

@@ -66,21 +66,37 @@ def masked_bce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def masked_mse(logits: torch.Tensor, raw: torch.Tensor) -> torch.Tensor:
-    """The ablation that regresses the (max-normalised) raw attention map directly."""
-    target = raw / raw.amax(-1, keepdim=True).clamp(min=1e-12)
-    return F.mse_loss(torch.sigmoid(logits), target)
+    """The ablation that regresses the (max-normalised) raw attention map directly; padding columns
+    (beyond a sample's grid) hold -1 and do not count."""
+    keep = raw >= 0
+    target = raw.clamp(min=0) / raw.amax(-1, keepdim=True).clamp(min=1e-12)
+    return F.mse_loss(torch.sigmoid(logits)[keep], target[keep])
 
 
-def training_targets(records: list[dict], settings: LabelSettings, target: str) -> torch.Tensor:
-    """Per-record targets (B, N_v): the cached labels, labels re-derived without sink removal, or the raw
-    maps themselves (the paper's ablation ladder: raw MSE -> + label assignment -> + sink removal)."""
+def training_targets(records: list[dict], settings: LabelSettings, target: str, grids: list[tuple[int, int]]):
+    """Per-record targets (B, N_max), padded with -1 (ignored) beyond each sample's grid: the cached labels,
+    labels re-derived without sink removal, or the raw maps themselves (the paper's ablation ladder: raw MSE
+    -> + label assignment -> + sink removal). A record made on another grid than the model gives now (other
+    resolution settings, or another model) is refused."""
+    for record, grid in zip(records, grids):
+        made = tuple(record["raw_map"].shape)
+        if made != tuple(grid):
+            raise SdrpnError(
+                f"sample {record['sample_id']!r} was labelled on a {made[0]} x {made[1]} token grid but the model "
+                f"now gives {grid[0]} x {grid[1]}; re-run `sdrpn label` with this model and resolution"
+            )
     if target == "labels":
-        return torch.stack([r["labels"].long().flatten() for r in records])
-    raw = torch.stack([r["raw_map"] for r in records])
-    if target == "raw-mse":
-        return raw.flatten(1)
-    no_sinks = LabelSettings(**{**asdict(settings), "sink_rule": "none"})
-    return make_labels(raw, None, None, no_sinks).flatten(1).long()
+        maps = [r["labels"].long() for r in records]
+    elif target == "raw-mse":
+        maps = [r["raw_map"].float() for r in records]
+    else:
+        no_sinks = LabelSettings(**{**asdict(settings), "sink_rule": "none"})
+        maps = [make_labels(r["raw_map"], None, None, no_sinks).long() for r in records]
+    longest = max(m.numel() for m in maps)
+    padded = maps[0].new_full((len(maps), longest), -1)
+    for row, values in enumerate(maps):
+        padded[row, : values.numel()] = values.flatten()
+    return padded
 
 
 def load_records(label_dir: str | Path, max_samples: int | None, seed: int) -> tuple[list[dict], LabelSettings, str]:
@@ -116,8 +132,10 @@ def train_rpn(
     if resume and state_path.is_file():
         rpn = load_rpn(out_dir / "last", adapter)
     else:
-        default_b, default_r = adapter.default_rpn_depth()
-        rpn = RegionProposalNetwork(adapter, settings.frozen_layers or default_b, settings.rpn_layers or default_r)
+        defaults = adapter.defaults()
+        rpn = RegionProposalNetwork(
+            adapter, settings.frozen_layers or defaults.frozen_layers, settings.rpn_layers or defaults.rpn_layers
+        )
     rpn.config.label_settings = label_settings.to_json()
     rpn.float().train()
     for parameter in adapter.model.parameters():
@@ -159,8 +177,8 @@ def train_rpn(
         begin = ((batch_index * processes + accelerator.process_index) * settings.batch_size) % len(order)
         chosen = [records[order[(begin + j) % len(order)]] for j in range(settings.batch_size)]
         images = [open_image(r["image"]) for r in chosen]
-        batch = adapter.prepare(images, [[r["question"]] for r in chosen])
-        targets = training_targets(chosen, label_settings, settings.target).to(accelerator.device)
+        batch = adapter.prepare(images, [[r["question"]] for r in chosen], training=True)
+        targets = training_targets(chosen, label_settings, settings.target, batch.grids).to(accelerator.device)
         with accelerator.accumulate(rpn):
             logits, _ = rpn(batch)
             loss = loss_fn(logits[:, 0], targets)

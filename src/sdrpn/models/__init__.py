@@ -7,8 +7,11 @@ from pathlib import Path
 import torch
 
 from sdrpn.errors import SdrpnError
-from sdrpn.models.base import AttentionShape, FamilyAdapter, PromptBatch
+from sdrpn.models.base import AttentionShape, CropTokens, FamilyAdapter, FamilyDefaults, PromptBatch
 from sdrpn.models.llava import LlavaAdapter
+
+# QWEN from sdrpn.models.qwen2_5_vl import Qwen2_5_VLAdapter
+from sdrpn.shipped import resolve
 
 ADAPTERS: dict[str, type[FamilyAdapter]] = {}
 
@@ -23,6 +26,7 @@ def register_adapter(adapter: type[FamilyAdapter]) -> type[FamilyAdapter]:
 
 
 register_adapter(LlavaAdapter)
+# QWEN register_adapter(Qwen2_5_VLAdapter)
 
 
 def _model_type(name_or_path: str) -> str:
@@ -38,21 +42,35 @@ def _model_type(name_or_path: str) -> str:
         raise SdrpnError(f"cannot read model '{name_or_path}': {reason}") from None
 
 
-def load_model(name_or_path: str, *, dtype: torch.dtype | None = None, device: str | None = None) -> FamilyAdapter:
-    """Load a supported MLLM (hub name or local directory) behind its family adapter."""
-    model_type = _model_type(str(name_or_path))
+def load_model(
+    name_or_path: str, *, dtype: torch.dtype | None = None, device: str | None = None, **options
+) -> FamilyAdapter:
+    """Load a supported MLLM (hub name, local directory, or a shipped name such as 'toy') behind its family
+    adapter. `options` are family settings (Qwen2.5-VL: min_pixels, max_pixels); None means the default."""
+    name_or_path = resolve(str(name_or_path), "mllm")
+    model_type = _model_type(name_or_path)
     if model_type not in ADAPTERS:
         supported = ", ".join(sorted(ADAPTERS))
         raise SdrpnError(f"model '{name_or_path}' is of type {model_type!r}; supported families: {supported}")
-    return ADAPTERS[model_type].from_pretrained(str(name_or_path), dtype=dtype, device=device)
+    return ADAPTERS[model_type].from_pretrained(name_or_path, dtype=dtype, device=device, **options)
 
 
-def wrap_model(model, processor, name_or_path: str = "in-memory") -> FamilyAdapter:
+def wrap_model(model, processor, name_or_path: str = "in-memory", **options) -> FamilyAdapter:
     """Wrap an already-loaded model + processor (e.g. built in a test) in its family adapter."""
     model_type = model.config.model_type
     if model_type not in ADAPTERS:
         raise SdrpnError(f"model of type {model_type!r} is not supported; supported: {', '.join(sorted(ADAPTERS))}")
-    return ADAPTERS[model_type](model, processor, name_or_path)
+    return ADAPTERS[model_type](model, processor, name_or_path, **options)
 
 
-__all__ = ["ADAPTERS", "AttentionShape", "FamilyAdapter", "PromptBatch", "load_model", "register_adapter", "wrap_model"]
+__all__ = [
+    "ADAPTERS",
+    "AttentionShape",
+    "CropTokens",
+    "FamilyAdapter",
+    "FamilyDefaults",
+    "PromptBatch",
+    "load_model",
+    "register_adapter",
+    "wrap_model",
+]

@@ -1,7 +1,9 @@
 """The family adapter protocol: everything sdrpn needs to know about one MLLM family.
 
-The rest of the library speaks only to this protocol, so a new family (Qwen2.5-VL, DeepSeek-VL, ...)
-is one new adapter file. Nothing outside `sdrpn.models` imports a transformers model class.
+The rest of the library speaks only to this protocol, so a new family is one new adapter file. Nothing
+outside `sdrpn.models` imports a transformers model class. The protocol carries any token grid: every
+sample of a batch has its own visual grid (H_i, W_i), its own positions (whatever shape the family's
+rotary embedding needs) and, in stage 2, its own crops, each with its own grid and kept tokens.
 """
 
 from __future__ import annotations
@@ -11,29 +13,33 @@ import json
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import ClassVar
 
 import torch
 from PIL import Image
 from torch import nn
 
-from sdrpn.roi import Geometry
+from sdrpn.errors import SdrpnError
+from sdrpn.roi import Geometry, RoiSettings
+
+LayerHeads = dict[int, list[int] | None]  # layer index -> heads to average (None = all heads)
 
 
 @dataclass
 class PromptBatch:
-    """A batch of [system, image, conversation] prompts, ready for the model, with the token layout.
+    """A batch of [system, image, conversation] prompts, ready for the model, with each sample's token layout.
 
-    Sequences are left-padded, so the last position of every row is its last prompt token.
+    Sequences are left-padded, so the last position of every row is its last prompt token. Samples may have
+    grids of different sizes: `visual_positions` is padded to the largest (by repeating the sample's last
+    visual position, so gathers stay valid) and `visual_mask` says which columns are real.
     """
 
     inputs: dict[str, torch.Tensor]  # model-ready tensors (input_ids, attention_mask, pixel_values, ...)
-    position_ids: torch.Tensor  # (B, T), padding-aware
-    visual_positions: torch.Tensor  # (B, N_v) sequence index of every visual token of the image
+    position_ids: torch.Tensor  # what the family's positional encoding takes: (B, T), or (3, B, T) for M-RoPE
+    visual_positions: torch.Tensor  # (B, N_max) sequence index of every visual token of the image, row-major
     query_positions: list[list[int]]  # per sample: the last token of each user turn
-    grid: tuple[int, int]  # (H, W) of the visual-token grid, row-major over visual_positions
-    geometries: list[Geometry]  # how each original image maps onto the grid
+    geometries: list[Geometry]  # how each original image maps onto its own grid
     images: list[Image.Image] = field(default_factory=list)  # the original RGB images (for cropping)
     # Cache of the adapter's input_embeddings: the vision tower runs once per batch, however many stages
     # (RoI prediction, decoding) use it.
@@ -42,6 +48,56 @@ class PromptBatch:
     @property
     def size(self) -> int:
         return len(self.query_positions)
+
+    @property
+    def grids(self) -> list[tuple[int, int]]:
+        return [(g.grid_height, g.grid_width) for g in self.geometries]
+
+    @property
+    def visual_counts(self) -> list[int]:
+        return [h * w for h, w in self.grids]
+
+    @property
+    def visual_mask(self) -> torch.Tensor:
+        """(B, N_max) True where a column of `visual_positions` is one of the sample's visual tokens."""
+        columns = torch.arange(self.visual_positions.shape[1])
+        return columns[None, :] < torch.tensor(self.visual_counts)[:, None]
+
+    def per_sample(self, values: torch.Tensor) -> list[torch.Tensor]:
+        """(B, N_max, ...) values over the visual tokens -> each sample's (H_i, W_i, ...) grid."""
+        return [values[i, : h * w].reshape(h, w, *values.shape[2:]) for i, (h, w) in enumerate(self.grids)]
+
+
+def pad_visual_positions(positions: list[torch.Tensor]) -> torch.Tensor:
+    """Per-sample visual positions of different lengths -> (B, N_max), padded with each row's last position."""
+    longest = max(len(p) for p in positions)
+    return torch.stack([torch.cat([p, p[-1:].expand(longest - len(p))]) for p in positions])
+
+
+@dataclass
+class CropTokens:
+    """One crop for stage 2: all its visual tokens, their grid, and which of them are kept.
+
+    The adapter inserts the crop with the family's own markers and positions; masked-out tokens are
+    removed after positions are assigned, so kept tokens keep their 2-D positions (masked upscaling)."""
+
+    features: torch.Tensor  # (h * w, D) in the LLM's input space, row-major
+    grid: tuple[int, int]  # (h, w)
+    keep: torch.Tensor | None = None  # (h * w,) bool; None: every token is kept
+
+    def __post_init__(self) -> None:
+        h, w = self.grid
+        if self.features.shape[0] != h * w:
+            raise ValueError(f"crop of grid {h} x {w} has {self.features.shape[0]} tokens")
+        if self.keep is not None and self.keep.shape != (h * w,):
+            raise ValueError(f"keep mask of shape {tuple(self.keep.shape)} for a {h} x {w} crop")
+
+    @property
+    def kept(self) -> int:
+        return self.features.shape[0] if self.keep is None else int(self.keep.sum())
+
+    def kept_features(self) -> torch.Tensor:
+        return self.features if self.keep is None else self.features[self.keep.to(self.features.device)]
 
 
 @dataclass(frozen=True)
@@ -53,13 +109,50 @@ class AttentionShape:
     hidden_size: int
 
 
-class FamilyAdapter(ABC):
-    """One MLLM family. Subclasses set `model_types` and implement the abstract methods."""
+@dataclass(frozen=True)
+class FamilyDefaults:
+    """Settings the family (or a recognised checkpoint of it) brings; explicit user choices override them.
 
+    `label_head_sets` names alternative label heads (e.g. Qwen2.5-VL's "text-rich" and "natural"); each name
+    may carry its own sink heads in `sink_head_sets` (released code: none for the text-rich lists)."""
+
+    label_heads: LayerHeads
+    frozen_layers: int  # B
+    rpn_layers: int  # R
+    sink_rule: str = "norm"
+    sink_heads: LayerHeads | None = None
+    sink_threshold: float = 1e-3
+    roi: RoiSettings = field(default_factory=RoiSettings)
+    label_head_sets: dict[str, LayerHeads] = field(default_factory=dict)
+    sink_head_sets: dict[str, LayerHeads | None] = field(default_factory=dict)
+    checkpoint: str | None = None  # the recognised checkpoint, e.g. "Qwen/Qwen2.5-VL-7B-Instruct"
+
+    def with_head_set(self, name: str) -> FamilyDefaults:
+        """The defaults with the named label heads (and their sink heads) in place."""
+        if name not in self.label_head_sets:
+            known = ", ".join(sorted(self.label_head_sets)) or "none for this model"
+            raise SdrpnError(f"unknown label head set {name!r} (known: {known})")
+        sinks = self.sink_head_sets.get(name, self.sink_heads)
+        rule = self.sink_rule if sinks or self.sink_rule == "norm" else "none"
+        return replace(self, label_heads=self.label_head_sets[name], sink_heads=sinks, sink_rule=rule)
+
+
+@dataclass(frozen=True)
+class KnownCheckpoint:
+    """A released checkpoint, recognised by its architecture and shapes (not by its folder's name), and the
+    settings the paper used for it."""
+
+    name: str
+    signature: dict  # config values that identify it, as `config_signature` reads them
+    defaults: FamilyDefaults
+
+
+class FamilyAdapter(ABC):
+    """One MLLM family. Subclasses set `model_types`, `known_checkpoints` and implement the abstract methods."""
+
+    family: ClassVar[str] = ""
     model_types: ClassVar[tuple[str, ...]] = ()
-    # Label layers/heads known to ground well, per checkpoint name (None = all heads).
-    known_label_heads: ClassVar[dict[str, dict[int, list[int] | None]]] = {}
-    default_rpn_layers: ClassVar[dict[str, tuple[int, int]]] = {}  # name -> (B, R)
+    known_checkpoints: ClassVar[tuple[KnownCheckpoint, ...]] = ()
 
     def __init__(self, model: nn.Module, processor, name_or_path: str):
         self.model = model
@@ -69,24 +162,46 @@ class FamilyAdapter(ABC):
     # --- loading -------------------------------------------------------------------------------
     @classmethod
     @abstractmethod
-    def from_pretrained(cls, name_or_path: str, *, dtype: torch.dtype | None = None, device: str | None = None):
-        """Load model + processor from a hub name or a local directory."""
+    def from_pretrained(
+        cls, name_or_path: str, *, dtype: torch.dtype | None = None, device: str | None = None, **options
+    ):
+        """Load model + processor from a hub name or a local directory; `options` are family settings
+        (e.g. min_pixels / max_pixels), and a family refuses options it does not have."""
+
+    # --- defaults ------------------------------------------------------------------------------
+    @classmethod
+    @abstractmethod
+    def config_signature(cls, config) -> dict:
+        """The config values (architecture + shapes) that identify a checkpoint of this family."""
+
+    @classmethod
+    def recognise(cls, config) -> KnownCheckpoint | None:
+        """The known checkpoint whose signature this config has, if any (a copy in any folder matches)."""
+        signature = cls.config_signature(config)
+        return next((known for known in cls.known_checkpoints if known.signature == signature), None)
+
+    @abstractmethod
+    def generic_defaults(self) -> FamilyDefaults:
+        """Defaults for a model of this family that is no known checkpoint."""
+
+    def defaults(self) -> FamilyDefaults:
+        known = self.recognise(self.model.config)
+        return known.defaults if known is not None else self.generic_defaults()
 
     # --- prompts -------------------------------------------------------------------------------
     @abstractmethod
-    def prepare(self, images: list[Image.Image], conversations: list[list[str]]) -> PromptBatch:
-        """Tokenise prompts. A conversation alternates user/assistant texts and ends with a user turn;
-        the image belongs to the first user turn."""
+    def prepare(
+        self, images: list[Image.Image], conversations: list[list[str]], *, training: bool = False
+    ) -> PromptBatch:
+        """Tokenise prompts. A conversation alternates user/assistant texts and ends with a user turn; the
+        image belongs to the first user turn. `training=True` lays the image out as labels and RPN training
+        see it (families whose resolution varies train at one fixed grid)."""
 
     # --- layers --------------------------------------------------------------------------------
     @property
     @abstractmethod
     def decoder_layers(self) -> nn.ModuleList:
         """The LLM's decoder layers, in order."""
-
-    @property
-    @abstractmethod
-    def final_norm(self) -> nn.Module: ...
 
     @property
     @abstractmethod
@@ -101,7 +216,7 @@ class FamilyAdapter(ABC):
         """(input norm, q projection, k projection) of a decoder layer: the RPN's head."""
 
     def position_qk(self, q: torch.Tensor, k: torch.Tensor, batch: PromptBatch, query_index: torch.Tensor):
-        """Apply the family's positional rotation to the RPN's q (B, H, Q, D) and k (B, H, N_v, D).
+        """Apply the family's positional rotation to the RPN's q (B, H, Q, D) and k (B, H_kv, N_max, D).
 
         Identity by default: LLaVA's RPN compares q/k without RoPE, as the released models do."""
         return q, k
@@ -121,8 +236,8 @@ class FamilyAdapter(ABC):
 
     # --- images and generation -----------------------------------------------------------------
     @abstractmethod
-    def encode_images(self, images: list[Image.Image]) -> tuple[list[torch.Tensor], list[Geometry]]:
-        """Visual tokens (N, D) of each image, in the LLM's input space, and their grid geometry."""
+    def encode_crops(self, crops: list[Image.Image]) -> tuple[list[CropTokens], list[Geometry]]:
+        """Visual tokens of each crop image as stage 2 feeds them, and how each lies on its grid."""
 
     @abstractmethod
     def input_embeddings(self, batch: PromptBatch) -> torch.Tensor:
@@ -132,10 +247,10 @@ class FamilyAdapter(ABC):
     def generate(
         self,
         batch: PromptBatch,
-        extra_visual_tokens: list[torch.Tensor] | None = None,
+        crops: list[list[CropTokens]] | None = None,
         max_new_tokens: int = 128,
     ) -> torch.Tensor:
-        """Greedy-decode; extra visual tokens (n_i, D) of sample i go right after its image tokens.
+        """Greedy-decode; the crops of sample i go right after its image tokens, in order.
         Returns the new token ids (B, L), padded with the pad id after EOS."""
 
     @abstractmethod
@@ -161,22 +276,16 @@ class FamilyAdapter(ABC):
         payload = json.dumps({"shape": shape.__dict__, "architectures": names}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
-    def default_label_heads(self) -> dict[int, list[int] | None]:
-        """Known grounding heads for this checkpoint, else all heads of a middle band of layers.
+    def middle_band_defaults(self, **overrides) -> FamilyDefaults:
+        """All heads of the middle band of layers [L//4, L//2] for labels, B = L/2 - 1, R = 3.
 
-        The middle band [L//4, L//2] is where MLLMs localise best (paper, Fig. 3 and TwigVLM); it
-        needs no hand-picking, which does not transfer between models anyway."""
-        for name, heads in self.known_label_heads.items():
-            if self.name_or_path.rstrip("/").endswith(name):
-                return heads
-        num_layers = self.attention_shape.num_layers
-        return {layer: None for layer in range(num_layers // 4, num_layers // 2 + 1)}
-
-    def default_rpn_depth(self) -> tuple[int, int]:
-        """(B, R): known values for known checkpoints, else B just after the label band, R = 3 (or less)."""
-        for name, depth in self.default_rpn_layers.items():
-            if self.name_or_path.rstrip("/").endswith(name):
-                return depth
+        The middle band is where MLLMs localise best (paper, Fig. 3 and TwigVLM); it needs no hand-picking,
+        which does not transfer between models anyway."""
         num_layers = self.attention_shape.num_layers
         frozen = max(1, num_layers // 2 - 1)
-        return frozen, max(1, min(3, num_layers - frozen))
+        return FamilyDefaults(
+            label_heads={layer: None for layer in range(num_layers // 4, num_layers // 2 + 1)},
+            frozen_layers=frozen,
+            rpn_layers=max(1, min(3, num_layers - frozen)),
+            **overrides,
+        )

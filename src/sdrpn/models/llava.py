@@ -16,7 +16,15 @@ from torch import nn
 from transformers import AutoConfig, LlavaForConditionalGeneration, LlavaProcessor
 
 from sdrpn.errors import SdrpnError
-from sdrpn.models.base import AttentionShape, FamilyAdapter, PromptBatch
+from sdrpn.models.base import (
+    AttentionShape,
+    CropTokens,
+    FamilyAdapter,
+    FamilyDefaults,
+    KnownCheckpoint,
+    PromptBatch,
+    pad_visual_positions,
+)
 from sdrpn.roi import Geometry
 
 
@@ -36,20 +44,46 @@ def padding_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-class LlavaAdapter(FamilyAdapter):
-    model_types = ("llava",)
-    known_label_heads = {
-        "llava-1.5-7b-hf": {14: [24, 13, 26]},
-        "llava-1.5-13b-hf": {16: [2, 21, 30], 15: [2], 13: [21, 23, 26]},
-    }
-    default_rpn_layers = {"llava-1.5-7b-hf": (15, 3), "llava-1.5-13b-hf": (15, 3)}
+def _signature(layers: int, hidden: int, heads: int) -> dict:
+    """LLaVA-1.5 = CLIP ViT-L/14 at 336 px + a Vicuna of this size."""
+    return {"model_type": "llava", "text": [layers, hidden, heads, heads], "vision": [336, 14]}
 
-    def __init__(self, model: nn.Module, processor, name_or_path: str):
+
+# The paper's settings (released code): label heads, sink heads of the attention rule, B = 15, R = 3.
+LLAVA_CHECKPOINTS = (
+    KnownCheckpoint(
+        "llava-hf/llava-1.5-7b-hf",
+        _signature(32, 4096, 32),
+        FamilyDefaults(label_heads={14: [24, 13, 26]}, frozen_layers=15, rpn_layers=3, sink_heads={2: None}),
+    ),
+    KnownCheckpoint(
+        "llava-hf/llava-1.5-13b-hf",
+        _signature(40, 5120, 40),
+        FamilyDefaults(
+            label_heads={16: [2, 21, 30], 15: [2], 13: [21, 23, 26]},
+            frozen_layers=15,
+            rpn_layers=3,
+            sink_heads={16: [17, 22]},
+        ),
+    ),
+)
+
+
+class LlavaAdapter(FamilyAdapter):
+    family = "LLaVA-1.5"
+    model_types = ("llava",)
+    known_checkpoints = LLAVA_CHECKPOINTS
+
+    def __init__(self, model: nn.Module, processor, name_or_path: str, **options):
+        self._refuse_options(options)
         super().__init__(model, processor, name_or_path)
         processor.tokenizer.padding_side = "left"  # batched decoding continues from every row's last token
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str, *, dtype: torch.dtype | None = None, device: str | None = None):
+    def from_pretrained(
+        cls, name_or_path: str, *, dtype: torch.dtype | None = None, device: str | None = None, **options
+    ):
+        cls._refuse_options(options)
         config = AutoConfig.from_pretrained(name_or_path)
         if config.model_type not in cls.model_types:
             raise SdrpnError(f"model '{name_or_path}' is a {config.model_type!r} model, not LLaVA")
@@ -58,7 +92,30 @@ class LlavaAdapter(FamilyAdapter):
         if device:
             model.to(device)
         model.eval()
-        return cls(model, processor, str(name_or_path))
+        return cls(model, processor, str(name_or_path), **options)
+
+    @staticmethod
+    def _refuse_options(options: dict) -> None:
+        unknown = {name for name, value in options.items() if value is not None}
+        if unknown:
+            raise SdrpnError(
+                f"{', '.join(sorted(unknown))} do not apply to LLaVA-1.5, whose input is a fixed square "
+                "(they are Qwen2.5-VL settings)"
+            )
+
+    # --- defaults ------------------------------------------------------------------------------
+    @classmethod
+    def config_signature(cls, config) -> dict:
+        text, vision = config.text_config, config.vision_config
+        heads = text.num_attention_heads
+        return {
+            "model_type": config.model_type,
+            "text": [text.num_hidden_layers, text.hidden_size, heads, text.num_key_value_heads or heads],
+            "vision": [vision.image_size, vision.patch_size],
+        }
+
+    def generic_defaults(self) -> FamilyDefaults:
+        return self.middle_band_defaults(sink_heads={min(2, self.attention_shape.num_layers - 1): None})
 
     # --- prompts -------------------------------------------------------------------------------
     @property
@@ -82,7 +139,10 @@ class LlavaAdapter(FamilyAdapter):
     def _prompt(self, conversation: list[str], upto: int) -> str:
         return self.processor.apply_chat_template(self._messages(conversation, upto), add_generation_prompt=True)
 
-    def prepare(self, images: list[Image.Image], conversations: list[list[str]]) -> PromptBatch:
+    def prepare(
+        self, images: list[Image.Image], conversations: list[list[str]], *, training: bool = False
+    ) -> PromptBatch:
+        """LLaVA-1.5 sees every image padded to a square at one resolution, for training and answering alike."""
         if len(images) != len(conversations):
             raise SdrpnError(f"got {len(images)} images for {len(conversations)} conversations")
         for conversation in conversations:
@@ -117,9 +177,8 @@ class LlavaAdapter(FamilyAdapter):
         return PromptBatch(
             inputs=inputs,
             position_ids=padding_positions(attention_mask),
-            visual_positions=visual_positions,
+            visual_positions=pad_visual_positions(list(visual_positions)),
             query_positions=query_positions,
-            grid=(side, side),
             geometries=geometries,
             images=list(images),
         )
@@ -132,10 +191,6 @@ class LlavaAdapter(FamilyAdapter):
     @property
     def decoder_layers(self) -> nn.ModuleList:
         return self._language_model.layers
-
-    @property
-    def final_norm(self) -> nn.Module:
-        return self._language_model.norm
 
     @property
     def attention_shape(self) -> AttentionShape:
@@ -194,13 +249,13 @@ class LlavaAdapter(FamilyAdapter):
         features = features.pooler_output if hasattr(features, "pooler_output") else features
         return [f.reshape(-1, f.shape[-1]) for f in features]
 
-    def encode_images(self, images: list[Image.Image]) -> tuple[list[torch.Tensor], list[Geometry]]:
+    def encode_crops(self, crops: list[Image.Image]) -> tuple[list[CropTokens], list[Geometry]]:
         fill = self._fill_colour()
-        squares = [pad_to_square(image, fill) for image in images]
+        squares = [pad_to_square(image, fill) for image in crops]
         features = self._image_features(self.processor.image_processor(squares, return_tensors="pt")["pixel_values"])
         side = int(round(features[0].shape[0] ** 0.5))
-        geometries = [Geometry.pad_to_square(*image.size, side, side) for image in images]
-        return features, geometries
+        geometries = [Geometry.pad_to_square(*image.size, side, side) for image in crops]
+        return [CropTokens(f, (side, side)) for f in features], geometries
 
     @torch.no_grad()
     def input_embeddings(self, batch: PromptBatch) -> torch.Tensor:
@@ -215,13 +270,18 @@ class LlavaAdapter(FamilyAdapter):
     def generate(
         self,
         batch: PromptBatch,
-        extra_visual_tokens: list[torch.Tensor] | None = None,
+        crops: list[list[CropTokens]] | None = None,
         max_new_tokens: int = 128,
     ) -> torch.Tensor:
+        """LLaVA-1.5 takes a crop's kept tokens right after the image's, with no markers (released code)."""
         embeds = self.input_embeddings(batch)
         attention_mask = batch.inputs["attention_mask"]
-        if extra_visual_tokens is not None and any(len(t) for t in extra_visual_tokens):
-            embeds, attention_mask = self._insert_after_image(embeds, attention_mask, batch, extra_visual_tokens)
+        extra = [
+            torch.cat([c.kept_features() for c in sample]) if sample else embeds.new_zeros(0, embeds.shape[-1])
+            for sample in (crops or [[]] * batch.size)
+        ]
+        if any(len(t) for t in extra):
+            embeds, attention_mask = self._insert_after_image(embeds, attention_mask, batch, extra)
         return self.model.generate(
             inputs_embeds=embeds,
             attention_mask=attention_mask,

@@ -12,7 +12,6 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
-from importlib import resources
 from pathlib import Path
 
 from PIL import Image
@@ -24,6 +23,7 @@ from sdrpn.labeling import LabelSettings, generate_labels
 from sdrpn.models import FamilyAdapter, load_model
 from sdrpn.roi import PixelBox, RoiSettings
 from sdrpn.rpn import RegionProposalNetwork, load_rpn
+from sdrpn.shipped import shipped_dir, shipped_name
 from sdrpn.toyworld import world
 from sdrpn.train import TrainSettings, train_rpn
 
@@ -38,11 +38,6 @@ TOY_TRAIN = TrainSettings(learning_rate=1e-3, batch_size=16, epochs=2, mixed_pre
 TOY_LABEL_SEED = 1000  # training scenes; evaluation uses other seeds
 TOY_BINDING_FRAC = 0.0  # share of self-distillation scenes with three objects, the target named by colour
 ACCURACY_BATCH = 16
-
-
-def shipped_dir(name: str) -> Path:
-    """A folder of the shipped weights (`mllm` or `rpn`), located through the package, not the cwd."""
-    return Path(str(resources.files("sdrpn.toyworld") / "weights" / name))
 
 
 def shipped_model_dir() -> Path:
@@ -133,8 +128,9 @@ def self_distill(
     )
     rpn = train_rpn(adapter, label_dir, work_dir / "rpn", train_settings, progress=progress, open_image=open_toy_image)
     rpn.config.roi_settings = asdict(TOY_ROI)  # so `sdrpn ask --rpn` uses the grid's settings too
-    if Path(adapter.name_or_path) == shipped_model_dir():
-        rpn.config.base_model = "toy"  # the CLI's name for the shipped model, not this machine's install path
+    name = shipped_name(adapter.name_or_path)
+    if name:
+        rpn.config.base_model = name  # the CLI's name for the shipped model, not this machine's install path
     rpn.save(work_dir / "rpn")
     return rpn
 
