@@ -1,4 +1,6 @@
-"""Shared fixtures: tiny random LLaVA models of the real transformers classes, built offline."""
+"""Shared fixtures: tiny random models of the real transformers classes (LLaVA-1.5, Qwen2.5-VL), built offline.
+
+Tests that take `adapter` run once per family; none may assume one family's token count or grid."""
 
 from __future__ import annotations
 
@@ -11,29 +13,51 @@ import torch
 from PIL import Image
 
 from sdrpn.models import wrap_model
-from sdrpn.models.tiny import TinyLlavaSpec, build_tiny_llava
+from sdrpn.models.tiny import TinyLlavaSpec, TinyQwenSpec, build_tiny_llava, build_tiny_qwen
 
 WORDS = "what colour is the object square red green blue where top left".split()
 QUESTIONS = ["what colour is the object ?", "where is the square ?", "what is red ?"]
 
 
-@pytest.fixture(scope="session")
-def tiny_model():
-    """(model, processor) of a 6-layer tiny LLaVA, 4x4 visual tokens."""
+FAMILIES = ("llava", "qwen")
+
+
+def build_tiny(family: str, seed: int = 1, **sizes):
+    """(model, processor): a 6-layer LLaVA with 4x4 visual tokens, or a Qwen2.5-VL of the 3B layout (36 layers,
+    16 heads, 2 KV heads) whose grids follow each image's aspect ratio (up to 6 x 6 tokens)."""
     torch.manual_seed(0)
-    return build_tiny_llava(TinyLlavaSpec(words=WORDS), seed=1)
+    if family == "llava":
+        return build_tiny_llava(TinyLlavaSpec(words=WORDS, **sizes), seed=seed)
+    return build_tiny_qwen(TinyQwenSpec(words=WORDS, **sizes), seed=seed)
+
+
+@pytest.fixture(scope="session", params=FAMILIES)
+def family(request) -> str:
+    return request.param
 
 
 @pytest.fixture(scope="session")
-def adapter(tiny_model):
+def tiny_model(family):
+    return build_tiny(family)
+
+
+@pytest.fixture(scope="session")
+def adapter(tiny_model, family):
     model, processor = tiny_model
+    return wrap_model(model, processor, f"tiny-{family}")
+
+
+@pytest.fixture(scope="session")
+def llava_adapter():
+    """For the few tests about LLaVA's own layout (its chat template, its fixed square grid)."""
+    model, processor = build_tiny("llava")
     return wrap_model(model, processor, "tiny-llava")
 
 
 @pytest.fixture(scope="session")
 def model_dir(tiny_model, tmp_path_factory) -> Path:
     """The tiny model saved like a hub checkpoint (config.json, safetensors, processor files)."""
-    directory = tmp_path_factory.mktemp("tiny-llava")
+    directory = tmp_path_factory.mktemp("tiny-model")
     model, processor = tiny_model
     model.save_pretrained(directory)
     processor.save_pretrained(directory)
@@ -63,3 +87,13 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def extended_inputs(inputs: dict, new_ids: torch.Tensor) -> dict:
+    """A prepared batch's model inputs with token ids appended to every row (for stock-forward references)."""
+    extended = dict(inputs)
+    extended["input_ids"] = torch.cat([inputs["input_ids"], new_ids], 1)
+    extended["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(new_ids)], 1)
+    if "mm_token_type_ids" in inputs:
+        extended["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(new_ids)], 1).int()
+    return extended

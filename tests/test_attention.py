@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from sdrpn.attention import prompt_attention, teacher_attention
-from tests.conftest import QUESTIONS, random_images
+from tests.conftest import QUESTIONS, extended_inputs, random_images
 
 LAYERS = {2: None, 3: [0, 2]}
 
@@ -14,12 +14,11 @@ def _eager_reference(adapter, image, question, generated, layers, norm_layer):
     """The same quantity from full eager attention maps on [prompt + response]."""
     single = adapter.prepare([image], [[question]])
     prompt_length = single.inputs["input_ids"].shape[1]
-    ids = torch.cat([single.inputs["input_ids"], generated[None, :-1]], 1)
     model = adapter.model
     model.set_attn_implementation("eager")
     try:
         out = model(
-            input_ids=ids, pixel_values=single.inputs["pixel_values"], output_attentions=True, output_hidden_states=True
+            **extended_inputs(single.inputs, generated[None, :-1]), output_attentions=True, output_hidden_states=True
         )
     finally:
         model.set_attn_implementation("sdpa")
@@ -72,4 +71,4 @@ def test_first_layers_equal_full_forward_hidden_states(adapter):
             torch.testing.assert_close(prefix, full.hidden_states[layers], atol=1e-6, rtol=1e-6)
         rest = adapter.run_layers(adapter.prefix_hidden(batch, 2), batch, list(adapter.decoder_layers)[2:4])
         torch.testing.assert_close(rest, full.hidden_states[4], atol=1e-5, rtol=1e-5)
-    assert len(adapter.decoder_layers) == 6  # the swap is undone
+    assert len(adapter.decoder_layers) == adapter.attention_shape.num_layers  # the swap is undone

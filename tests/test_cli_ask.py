@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -85,7 +86,7 @@ def test_ask_json_and_overlay(model_dir, rpn_dir, image_path, tmp_path, capsys, 
         assert result["roi_map"] is None and result["boxes"] == [] and result["extra_tokens"] == 0
     else:
         roi_map = np.array(result["roi_map"])
-        assert roi_map.shape == (4, 4) and np.all((roi_map >= 0) & (roi_map <= 1))
+        assert roi_map.shape == tuple(result["grid"]) and np.all((roi_map >= 0) & (roi_map <= 1))
     if method in ("sdrpn", "vicrop"):
         assert result["boxes"], f"{method} proposed no box: the overlay's box drawing is not exercised"
         assert result["extra_tokens"] > 0
@@ -148,12 +149,17 @@ def test_directory_as_image_exits_2(model_dir, tmp_path, capsys):
     _one_line_error(capsys, "directory")
 
 
-def test_window_crops_squares_of_that_many_tokens(model_dir, rpn_dir, image_path, capsys):
+def test_window_crops_squares_of_that_many_tokens(model_dir, rpn_dir, image_path, family, capsys):
     argv = _ask(model_dir, image_path, "--rpn", str(rpn_dir), "--tau", "0.69", "--window", "1.5", "--json")
     assert main(argv) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["boxes"], "no region: the window is not exercised"
-    side = round(1.5 * max(IMAGE_SIZE) / 4)  # the 4 x 4 grid covers the padded square
+    rows, cols = result["grid"]
+    if family == "llava":  # the grid covers the padded square
+        cell = max(IMAGE_SIZE) / cols
+    else:  # the grid covers the image
+        cell = max(IMAGE_SIZE[0] / cols, IMAGE_SIZE[1] / rows)
+    side = math.ceil(1.5 * cell)
     for x0, y0, x1, y1 in result["boxes"]:
         assert (x1 - x0, y1 - y0) == (min(side, IMAGE_SIZE[0]), min(side, IMAGE_SIZE[1]))
 

@@ -85,9 +85,9 @@ def test_one_line_errors(model_dir, image_folder, tmp_path, capsys):
                 "--out",
                 str(tmp_path / "l"),
                 "--layers",
-                "9",
+                "99",
             ],
-            "label layer 9 does not exist",
+            "label layer 99 does not exist",
         ),
     ]
     for argv, message in cases:

@@ -9,6 +9,7 @@ import torch
 
 from sdrpn.data import read_samples
 from sdrpn.errors import SdrpnError
+from sdrpn.images import load_image
 from sdrpn.labeling import LabelCache, LabelSettings, generate_labels, label_heads_from_text, make_labels
 from sdrpn.labels import assign_labels, remove_sinks
 
@@ -21,12 +22,16 @@ def test_records_hold_answer_maps_and_labels(adapter, image_folder):
     assert report.labelled == 3 and report.bad == []
     records = list(LabelCache(image_folder / "labels").records())
     assert [r["sample_id"] for r in records] == [s.sample_id for s in samples]
-    for record in records:
-        assert record["raw_map"].shape == (4, 4) and record["norms"].shape == (4, 4)
+    images = [load_image(s.image_path) for s in samples]
+    grids = adapter.prepare(images, [[s.question] for s in samples], training=True).grids
+    for record, grid in zip(records, grids):
+        assert record["raw_map"].shape == record["norms"].shape == grid and tuple(record["grid"]) == grid
         expected = assign_labels(remove_sinks(record["raw_map"], record["norms"]))
         assert torch.equal(record["labels"].long(), expected)
     settings = LabelCache(image_folder / "labels").settings()["settings"]
-    assert settings["label_heads"] == {"1": None, "2": None, "3": None}  # the middle-band default, recorded
+    layers = adapter.attention_shape.num_layers
+    middle_band = {str(layer): None for layer in range(layers // 4, layers // 2 + 1)}
+    assert settings["label_heads"] == middle_band  # the default for a model that is no known checkpoint, recorded
 
 
 def test_bad_samples_are_counted_not_fatal(adapter, image_folder):

@@ -25,10 +25,11 @@ def test_masked_bce_ignores_unlabelled_tokens():
 
 def test_a_few_steps_reduce_the_loss_on_a_fixed_batch(adapter):
     torch.manual_seed(0)
-    batch = adapter.prepare(random_images(4, seed=9), [[q] for q in QUESTIONS + QUESTIONS[:1]])
-    labels = torch.full((4, 16), -1)
-    labels[:, [0, 1, 4, 5]] = 1
-    labels[:, [10, 11, 14, 15]] = 0
+    batch = adapter.prepare(random_images(4, seed=9), [[q] for q in QUESTIONS + QUESTIONS[:1]], training=True)
+    labels = torch.full((4, max(batch.visual_counts)), -1)
+    for row, count in enumerate(batch.visual_counts):
+        labels[row, :2] = 1
+        labels[row, count - 4 : count] = 0
     rpn = RegionProposalNetwork(adapter, 2, 3)
     optimizer = torch.optim.AdamW(rpn.parameters(), lr=1e-3, betas=(0.9, 0.98), weight_decay=0)
     prefix = rpn.frozen_prefix(batch)
@@ -43,16 +44,17 @@ def test_a_few_steps_reduce_the_loss_on_a_fixed_batch(adapter):
     assert all(p.grad is None for p in adapter.model.parameters())  # the base model never trains
 
 
-def _planted_labels(image_folder, out):
+def _planted_labels(adapter, image_folder, out):
     """A label folder whose labels mark a fixed corner (random tiny models attend near-uniformly)."""
     cache = LabelCache(out)
-    cache.start("tiny-llava", LabelSettings())
+    cache.start(adapter.name_or_path, LabelSettings())
     records = []
     for sample in read_samples(image_folder / "data.jsonl").samples:
-        labels = torch.full((4, 4), -1, dtype=torch.int8)
-        labels[:2, :2] = 1
-        labels[3, :] = 0
-        raw = torch.rand(4, 4)
+        rows, cols = adapter.prepare([load_image(sample.image_path)], [[sample.question]], training=True).grids[0]
+        labels = torch.full((rows, cols), -1, dtype=torch.int8)
+        labels[: rows // 2, : cols // 2] = 1
+        labels[-1, :] = 0
+        raw = torch.rand(rows, cols)
         records.append(
             {
                 "sample_id": sample.sample_id,
@@ -70,7 +72,7 @@ def _planted_labels(image_folder, out):
 
 
 def test_train_writes_checkpoint_and_resumes(adapter, image_folder, tmp_path):
-    labels = _planted_labels(image_folder, tmp_path / "labels")
+    labels = _planted_labels(adapter, image_folder, tmp_path / "labels")
     settings = TrainSettings(frozen_layers=2, rpn_layers=3, batch_size=2, epochs=2, learning_rate=1e-3, save_every=3)
     initial = RegionProposalNetwork(adapter, 2, 3)
     full = train_rpn(adapter, labels, tmp_path / "full", settings, progress=False)

@@ -86,13 +86,17 @@ class ZoomResult:
     extra_tokens: int
     timings: dict[str, float]
     geometry: Geometry | None = None  # how roi_map lies on the image (for overlays)
+    input_size: tuple[int, int] | None = None  # (width, height) px the vision tower saw (resolution budgets resize)
 
     def to_json(self) -> dict:
+        grid = None if self.geometry is None else [self.geometry.grid_height, self.geometry.grid_width]
         return {
             "answer": self.answer,
             "method": self.method,
             "boxes": [list(b) for b in self.boxes],
             "roi_map": None if self.roi_map is None else np.round(self.roi_map, 5).tolist(),
+            "grid": grid,
+            "input_size": None if self.input_size is None else list(self.input_size),
             "extra_tokens": self.extra_tokens,
             "timings": {k: round(v, 6) for k, v in self.timings.items()},
         }
@@ -217,6 +221,7 @@ class Zoom:
                     "batch_size": batch.size,
                 },
                 geometry=geometry,
+                input_size=self.adapter.input_size(geometry),
             )
             for answer, p, sample_crops, seconds, geometry in zip(
                 answers, predictions, crops, encode_seconds, batch.geometries

@@ -9,8 +9,7 @@ import torch
 from sdrpn.errors import SdrpnError
 from sdrpn.models.base import AttentionShape, CropTokens, FamilyAdapter, FamilyDefaults, PromptBatch
 from sdrpn.models.llava import LlavaAdapter
-
-# QWEN from sdrpn.models.qwen2_5_vl import Qwen2_5_VLAdapter
+from sdrpn.models.qwen2_5_vl import Qwen2_5_VLAdapter
 from sdrpn.shipped import resolve
 
 ADAPTERS: dict[str, type[FamilyAdapter]] = {}
@@ -26,7 +25,7 @@ def register_adapter(adapter: type[FamilyAdapter]) -> type[FamilyAdapter]:
 
 
 register_adapter(LlavaAdapter)
-# QWEN register_adapter(Qwen2_5_VLAdapter)
+register_adapter(Qwen2_5_VLAdapter)
 
 
 def _model_type(name_or_path: str) -> str:

@@ -125,7 +125,11 @@ class FamilyDefaults:
     roi: RoiSettings = field(default_factory=RoiSettings)
     label_head_sets: dict[str, LayerHeads] = field(default_factory=dict)
     sink_head_sets: dict[str, LayerHeads | None] = field(default_factory=dict)
-    checkpoint: str | None = None  # the recognised checkpoint, e.g. "Qwen/Qwen2.5-VL-7B-Instruct"
+    # Resolution of families that choose it per image (Qwen2.5-VL): the pixel budget for answering, and the one
+    # square budget labels and RPN training use.
+    min_pixels: int | None = None
+    max_pixels: int | None = None
+    label_pixels: int | None = None
 
     def with_head_set(self, name: str) -> FamilyDefaults:
         """The defaults with the named label heads (and their sink heads) in place."""
@@ -235,6 +239,10 @@ class FamilyAdapter(ABC):
         """Switch the LLM's attention implementation inside the block (the vision tower is untouched)."""
 
     # --- images and generation -----------------------------------------------------------------
+    @abstractmethod
+    def input_size(self, geometry: Geometry) -> tuple[int, int]:
+        """(width, height) in pixels of what the vision tower saw for an image of this geometry."""
+
     @abstractmethod
     def encode_crops(self, crops: list[Image.Image]) -> tuple[list[CropTokens], list[Geometry]]:
         """Visual tokens of each crop image as stage 2 feeds them, and how each lies on its grid."""

@@ -249,6 +249,10 @@ class LlavaAdapter(FamilyAdapter):
         features = features.pooler_output if hasattr(features, "pooler_output") else features
         return [f.reshape(-1, f.shape[-1]) for f in features]
 
+    def input_size(self, geometry: Geometry) -> tuple[int, int]:
+        side = self.model.config.vision_config.image_size
+        return side, side
+
     def encode_crops(self, crops: list[Image.Image]) -> tuple[list[CropTokens], list[Geometry]]:
         fill = self._fill_colour()
         squares = [pad_to_square(image, fill) for image in crops]

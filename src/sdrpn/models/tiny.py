@@ -1,8 +1,9 @@
-"""Tiny LLaVA-architecture models built offline from configs.
+"""Tiny models of the real architectures, built offline from configs.
 
-They are real `LlavaForConditionalGeneration` models (CLIP vision tower + Llama text model) with a
-word-level tokenizer, so every code path that serves `llava-hf/llava-1.5-7b-hf` runs on them in
-seconds on a CPU. Tests use them randomly initialised; the toy world trains one from scratch.
+They are real `LlavaForConditionalGeneration` (CLIP vision tower + Llama) and
+`Qwen2_5_VLForConditionalGeneration` models with word-level tokenizers, so every code path that serves
+`llava-hf/llava-1.5-7b-hf` or `Qwen/Qwen2.5-VL-3B-Instruct` runs on them in seconds on a CPU. Tests use them
+randomly initialised; the toy world trains one from scratch.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
+from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
 from transformers import (
     CLIPVisionConfig,
     LlamaConfig,
@@ -141,5 +142,156 @@ def build_tiny_llava(
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
         chat_template=LLAVA_CHAT_TEMPLATE,
+    )
+    return model, processor
+
+
+# --- Qwen2.5-VL -------------------------------------------------------------------------------------
+
+QWEN_SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+    "<unk>",
+]
+QWEN_CHAT_WORDS = ["system", "user", "assistant", "You", "are", "a", "helpful", ".", ",", "?", "!", ":", "'"]
+# The Qwen2.5-VL chat template without its video and tool branches: the default system prompt, and an image as
+# <|vision_start|><|image_pad|><|vision_end|>, as the released checkpoints format it.
+QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}"
+    "{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}"
+    "{% endfor %}<|im_end|>\n"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@dataclass
+class TinyQwenSpec:
+    """Sizes of a tiny Qwen2.5-VL. The text layout is Qwen2.5-VL-3B's (36 layers, 16 heads, 2 KV heads, q/k/v
+    biases, M-RoPE sections in its proportions) at a small width; the vision tower keeps window attention,
+    14-px patches, temporal patches of 2 and the 2 x 2 merge. Images become 2 x 2 to 6 x 6 tokens by default."""
+
+    text_layers: int = 36
+    text_heads: int = 16
+    text_kv_heads: int = 2
+    text_hidden: int = 256
+    text_intermediate: int = 512
+    vision_hidden: int = 32
+    vision_heads: int = 2
+    vision_depth: int = 4
+    fullatt_block_indexes: tuple[int, ...] = (1, 3)
+    window_size: int = 56  # pixels: 2 x 2 merged tokens per window
+    min_pixels: int = 56 * 56
+    max_pixels: int = 168 * 168
+    init_std: float | None = 0.15  # weights and biases ~ N(0, std): a random model then answers differently per input
+    words: list[str] = field(default_factory=list)
+
+
+def build_qwen_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer with Qwen's special tokens and chat template (no download)."""
+    vocab: dict[str, int] = {}
+    for token in [*QWEN_SPECIAL_TOKENS, "\n", *QWEN_CHAT_WORDS, *words]:
+        vocab.setdefault(token, len(vocab))
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split("\n", behavior="isolated"), pre_tokenizers.Whitespace()]
+    )
+    # Special tokens are matched before pre-tokenisation ("<|im_start|>user" splits); "\n" is an added token
+    # so that the whitespace pre-tokenizer cannot drop it.
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in QWEN_SPECIAL_TOKENS])
+    backend.add_tokens([AddedToken("\n", special=False, normalized=False)])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token="<unk>",
+        extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
+    )
+    tokenizer.padding_side = "left"
+    tokenizer.chat_template = QWEN_CHAT_TEMPLATE
+    return tokenizer
+
+
+def build_tiny_qwen(spec: TinyQwenSpec | None = None, seed: int = 0):
+    """Randomly initialised tiny `Qwen2_5_VLForConditionalGeneration` + its image-only processor."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from sdrpn.models.qwen2_5_vl import ImageOnlyQwenProcessor
+
+    spec = spec or TinyQwenSpec()
+    half = spec.text_hidden // spec.text_heads // 2
+    spatial = max(1, half * 3 // 8)  # Qwen2.5-VL's [16, 24, 24] of 64, in proportion
+    tokenizer = build_qwen_tokenizer(spec.words)
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in QWEN_SPECIAL_TOKENS}
+    text = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=spec.text_hidden,
+        intermediate_size=spec.text_intermediate,
+        num_hidden_layers=spec.text_layers,
+        num_attention_heads=spec.text_heads,
+        num_key_value_heads=spec.text_kv_heads,
+        max_position_embeddings=4096,
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": 1e6,
+            "mrope_section": [half - 2 * spatial, spatial, spatial],
+        },
+        bos_token_id=ids["<|endoftext|>"],
+        eos_token_id=ids["<|im_end|>"],
+        pad_token_id=ids["<|endoftext|>"],
+    )
+    vision = dict(
+        depth=spec.vision_depth,
+        hidden_size=spec.vision_hidden,
+        intermediate_size=spec.vision_hidden * 2,
+        num_heads=spec.vision_heads,
+        patch_size=14,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        window_size=spec.window_size,
+        fullatt_block_indexes=list(spec.fullatt_block_indexes),
+        out_hidden_size=spec.text_hidden,
+        tokens_per_second=2,
+    )
+    config = Qwen2_5_VLConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration._from_config(config)
+    if spec.init_std is not None:
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                if parameter.ndim >= 2 or name.endswith(".bias"):
+                    parameter.normal_(0.0, spec.init_std)
+    model.eval()
+    generation = model.generation_config
+    generation.pad_token_id, generation.eos_token_id = ids["<|endoftext|>"], ids["<|im_end|>"]
+    generation.bos_token_id = ids["<|endoftext|>"]
+    image_processor = Qwen2VLImageProcessorPil(
+        min_pixels=spec.min_pixels, max_pixels=spec.max_pixels, patch_size=14, temporal_patch_size=2, merge_size=2
+    )
+    processor = ImageOnlyQwenProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, chat_template=QWEN_CHAT_TEMPLATE
     )
     return model, processor
