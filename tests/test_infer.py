@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from sdrpn.errors import SdrpnError
 from sdrpn.images import load_image
 from sdrpn.infer import GENERIC_PROMPT, InferSettings, RoiPrediction, Zoom, load
 from sdrpn.models import wrap_model
+from sdrpn.models.llava import pad_to_square
 from sdrpn.roi import Geometry, RoiSettings, crop_token_mask, find_regions, grid_box_to_pixels, image_cells
 from sdrpn.rpn import RegionProposalNetwork, load_rpn
 from tests.conftest import build_tiny, random_images
@@ -462,3 +464,83 @@ def test_load_takes_roi_defaults_from_the_checkpoint(adapter, tmp_path):
     assert (zoom.settings.roi.tau, zoom.settings.roi.min_tokens, zoom.settings.roi.grow_below) == (0.77, 1, 0)
     assert sdrpn.load(adapter, str(tmp_path / "rpn"), tau=0.3).settings.roi.tau == 0.3
     assert sdrpn.load(adapter, RegionProposalNetwork(adapter, 2, 3)).settings.roi == adapter.defaults().roi
+
+
+# --- stage 2 == the stock model fed [image, crop] as two images ------------------------------------
+
+
+def _two_image_prompt(adapter, family: str, question: str) -> str:
+    """The stock prompt with the crop as a second image right after the first, in the same user turn."""
+    prompt = adapter._prompt([question], 1)
+    if family == "llava":
+        return prompt.replace("<image>", "<image><image>", 1)
+    block = "<|vision_start|><|image_pad|><|vision_end|>"
+    return prompt.replace(block, block + block, 1)
+
+
+def _stock_two_image_answers(adapter, family, images, crops, questions) -> torch.Tensor:
+    prompts = [_two_image_prompt(adapter, family, q) for q in questions]
+    if family == "llava":
+        fill = adapter._fill_colour()
+        pixels = [pad_to_square(image, fill) for pair in zip(images, crops) for image in pair]
+        inputs = adapter.processor(images=pixels, text=prompts, return_tensors="pt", padding=True)
+    else:
+        pixels = [image for pair in zip(images, crops) for image in pair]
+        inputs = adapter.processor(
+            images=pixels, text=prompts, size=adapter._pixels(False), return_tensors="pt", padding=True
+        )
+    with torch.no_grad():
+        out = adapter.model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
+    return out[:, inputs["input_ids"].shape[1] :]
+
+
+def test_box_upscaling_equals_the_stock_model_fed_image_and_crop(adapter, family):
+    """Stage 2 with one box is token for token the stock model (its processor, chat template and generate) fed
+    the image and the crop as two images of one turn; batched with left padding and a different grid each."""
+    images = _images()
+    boxes = [(10, 5, 70, 50), (0, 30, 40, 90), (60, 60, 120, 120)]
+    zoom = Zoom(adapter, settings=InferSettings(method="base", max_new_tokens=NEW_TOKENS))
+    ours = zoom.ask_with_boxes(images, BATCH_QUESTIONS, [[box] for box in boxes])
+    crops = [image.crop(box) for image, box in zip(images, boxes)]
+    stock = _stock_two_image_answers(adapter, family, images, crops, BATCH_QUESTIONS)
+    assert [r.answer for r in ours] == adapter.decode(stock)
+    batch = zoom._prepare(images, BATCH_QUESTIONS)
+    crop_tokens = [adapter.encode_crops([crop])[0] for crop in crops]
+    with torch.no_grad():
+        assert torch.equal(adapter.generate(batch, crop_tokens, max_new_tokens=NEW_TOKENS), stock)
+    if family == "qwen":
+        assert len({g for g in batch.grids}) == 3, "the samples must have different grids"
+    assert len({r.answer for r in ours}) > 1, "a model that always says the same thing would prove nothing"
+
+
+def test_pruning_no_crop_token_equals_the_whole_crop(adapter):
+    """Masked upscaling removes tokens after positions are assigned: keeping every token changes nothing."""
+    images = _images()
+    batch = adapter.prepare(images, [[q] for q in BATCH_QUESTIONS])
+    crops = [adapter.encode_crops([image.crop((0, 0, 50, 40))])[0][0] for image in images]
+    all_kept = [[replace(crop, keep=torch.ones(crop.features.shape[0], dtype=torch.bool))] for crop in crops]
+    with torch.no_grad():
+        whole = adapter.generate(batch, [[crop] for crop in crops], max_new_tokens=NEW_TOKENS)
+        kept = adapter.generate(batch, all_kept, max_new_tokens=NEW_TOKENS)
+    assert torch.equal(whole, kept)
+
+
+def test_masked_crop_keeps_the_positions_of_its_kept_tokens():
+    """Qwen2.5-VL: a pruned crop's kept tokens carry the 2-D positions they have in the whole crop, and the
+    text after it continues from the same positions (the rope index over the unpruned grid)."""
+    model, processor = build_tiny("qwen")
+    adapter = wrap_model(model, processor, "tiny-qwen")
+    image = _images()[0]
+    batch = adapter.prepare([image], [[BATCH_QUESTIONS[0]]])
+    (crop,), _ = adapter.encode_crops([image.crop((0, 0, 60, 60))])
+    keep = torch.zeros(crop.features.shape[0], dtype=torch.bool)
+    keep[::3] = True
+    _, whole_positions = adapter._with_crops(batch, 0, [crop])
+    embeds, positions = adapter._with_crops(batch, 0, [replace(crop, keep=keep)])
+    start = int((batch.inputs["input_ids"][0] == model.config.vision_end_token_id).nonzero()[0, 0]) + 2
+    crop_columns = torch.arange(start, start + len(keep))
+    expected = torch.cat(
+        [whole_positions[:, :start], whole_positions[:, crop_columns[keep]], whole_positions[:, start + len(keep) :]], 1
+    )
+    assert torch.equal(positions, expected)
+    assert embeds.shape[0] == positions.shape[1] == whole_positions.shape[1] - int((~keep).sum())

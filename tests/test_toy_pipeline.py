@@ -27,7 +27,7 @@ def shipped(tmp_path, monkeypatch):
     attention_log = {"fine": {"teacher": {"top1_hit": [0.9, 0.85, 0.2, 0.1]}}}
     (tmp_path / "mllm" / "recipe.json").write_text(json.dumps({"metrics": {"attention": attention_log}}))
     RegionProposalNetwork(load_model(str(tmp_path / "mllm")), 1, 2).save(tmp_path / "rpn")
-    monkeypatch.setattr(pipeline, "shipped_dir", lambda name: tmp_path / name)
+    monkeypatch.setattr(pipeline, "shipped_dir", lambda kind, name="toy": tmp_path / kind)
     return tmp_path
 
 

@@ -115,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("selftest", help="label, train and ask end to end on a tiny offline model (~1 min)")
 
     demo = commands.add_parser("demo", help="the shipped tiny MLLM with and without SD-RPN on fresh toy scenes")
+    demo.add_argument("--model", choices=("toy", "toy-qwen"), default="toy", help="which shipped toy model")
     demo.add_argument("--train-rpn", action="store_true", help="redo the self-distillation from scratch first")
     demo.add_argument("--scenes", type=int, default=4)
     demo.add_argument("--eval-scenes", type=int, default=100)
@@ -129,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", default=None, help="write the results here")
     bench.add_argument("--work", default="sdrpn-bench", help="resumable work folder")
     bench.add_argument(
-        "--model", default=None, help="a toy MLLM folder made by sdrpn.toyworld.recipe (default: the shipped one)"
+        "--model", default="toy", help="a shipped toy model (toy, toy-qwen) or a toy MLLM folder made by a recipe"
     )
     bench.add_argument(
         "--rpn", default=None, help="RPN to benchmark (default: the shipped one; for --model, one self-distilled first)"
@@ -242,6 +243,7 @@ def cmd_demo(args) -> int:
     from sdrpn.toyworld.demo import run_demo
 
     run_demo(
+        model=args.model,
         out_dir=args.out,
         scenes=args.scenes,
         eval_scenes=args.eval_scenes,

@@ -1,4 +1,5 @@
-"""Names of the models that ship inside the package: `toy` is the demo LLaVA and its RPN.
+"""Names of the models that ship inside the package: `toy` (a LLaVA) and `toy-qwen` (a Qwen2.5-VL), each with
+its self-distilled RPN.
 
 `sdrpn.load(model="toy", rpn="toy")`, `sdrpn ask --model toy --rpn toy` and the bench all resolve a
 shipped name here, through the installed package (never the working directory)."""
@@ -8,7 +9,7 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
-SHIPPED = {"toy": "weights"}  # name -> folder under sdrpn/toyworld holding mllm/ and rpn/
+SHIPPED = {"toy": "weights", "toy-qwen": "weights_qwen"}  # name -> folder under sdrpn/toyworld: mllm/ and rpn/
 
 
 def shipped_dir(kind: str, name: str = "toy") -> Path:

@@ -13,6 +13,7 @@ from pathlib import Path
 from sdrpn.errors import SdrpnError
 from sdrpn.files import atomic_write_json
 from sdrpn.rpn import load_rpn, weights_digest
+from sdrpn.shipped import SHIPPED
 from sdrpn.toyworld import pipeline, world
 from sdrpn.train import train_rpn
 
@@ -64,7 +65,7 @@ def run_toy_bench(
     seed: int = 7,
     n: int = 300,
     work_dir: str | Path = "sdrpn-bench",
-    model: str | Path | None = None,
+    model: str | Path = "toy",
     rpn: str | Path | None = None,
     label_samples: int = 2000,
     sweep: tuple[int, ...] = (250, 1000),
@@ -73,11 +74,11 @@ def run_toy_bench(
     timing_samples: int = 40,
     binding: int = 0,
 ) -> dict:
-    """``model``: a toy MLLM folder made by the recipe (default: the shipped one). Without ``rpn``, the
-    shipped model uses the shipped RPN and any other model gets an SD-RPN self-distilled here first."""
+    """``model``: a shipped toy model ('toy', 'toy-qwen') or a toy MLLM folder made by a recipe. Without ``rpn``,
+    a shipped model uses its shipped RPN and any other model gets an SD-RPN self-distilled here first."""
     work = Path(work_dir)
-    model_dir = Path(model) if model else pipeline.shipped_model_dir()
-    adapter = pipeline.load_toy_model(model_dir)
+    model_dir = pipeline.toy_model_dir(model)
+    adapter = pipeline.load_toy_model(model)
     _claim(work, adapter, model_dir)
     label_dir = work / "labels"
 
@@ -92,8 +93,8 @@ def run_toy_bench(
         )
         return label_dir
 
-    if rpn or not model:
-        network = load_rpn(rpn or pipeline.shipped_dir("rpn"), adapter)
+    if rpn or str(model) in SHIPPED:
+        network = load_rpn(rpn or pipeline.shipped_dir("rpn", str(model)), adapter)
     else:
         network = _train(adapter, labelled(), work / SDRPN_DIR)
     zoom = pipeline.make_zoom(adapter, network)

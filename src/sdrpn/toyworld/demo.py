@@ -16,6 +16,7 @@ from sdrpn.toyworld import pipeline, world
 
 def run_demo(
     *,
+    model: str = "toy",
     out_dir: str | Path = "sdrpn-demo",
     scenes: int = 4,
     eval_scenes: int = 100,
@@ -27,11 +28,11 @@ def run_demo(
     seed = random.randrange(10**6) if seed is None else seed
     started = time.perf_counter()
     if train_rpn:
-        adapter = pipeline.load_toy_model()
+        adapter = pipeline.load_toy_model(model)
         network = pipeline.self_distill(adapter, out_dir / "self-distillation", samples=label_samples)
         print(f"self-distillation done in {time.perf_counter() - started:.0f} s -> {out_dir / 'self-distillation'}")
     else:
-        adapter, network = pipeline.load_toy()
+        adapter, network = pipeline.load_toy(model)
     zoom = pipeline.make_zoom(adapter, network)
     print(f"scenes from seed {seed} (reproduce: sdrpn demo --seed {seed})\n")
     shown = world.make_samples(scenes, seed, qtypes="fine")

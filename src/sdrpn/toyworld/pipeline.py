@@ -23,7 +23,7 @@ from sdrpn.labeling import LabelSettings, generate_labels
 from sdrpn.models import FamilyAdapter, load_model
 from sdrpn.roi import PixelBox, RoiSettings
 from sdrpn.rpn import RegionProposalNetwork, load_rpn
-from sdrpn.shipped import shipped_dir, shipped_name
+from sdrpn.shipped import SHIPPED, shipped_dir, shipped_name
 from sdrpn.toyworld import world
 from sdrpn.train import TrainSettings, train_rpn
 
@@ -40,8 +40,9 @@ TOY_BINDING_FRAC = 0.0  # share of self-distillation scenes with three objects, 
 ACCURACY_BATCH = 16
 
 
-def shipped_model_dir() -> Path:
-    return shipped_dir("mllm")
+def toy_model_dir(model: str | Path = "toy") -> Path:
+    """A shipped toy model's name ('toy', 'toy-qwen') -> its folder; a folder made by a recipe stays itself."""
+    return shipped_dir("mllm", str(model)) if str(model) in SHIPPED else Path(model)
 
 
 def label_layers_from_recipe(model_dir: Path, min_top1_hit: float = 0.8) -> dict[int, None]:
@@ -59,18 +60,19 @@ def toy_label_settings(model_dir: Path) -> LabelSettings:
     return LabelSettings(label_heads=label_layers_from_recipe(model_dir), max_new_tokens=4)
 
 
-TOY_LABELS = toy_label_settings(shipped_model_dir())
+TOY_LABELS = toy_label_settings(toy_model_dir())
 
 
-def load_toy(rpn: str | Path | None = None) -> tuple[FamilyAdapter, RegionProposalNetwork]:
-    adapter = load_toy_model()
-    network = load_rpn(rpn or shipped_dir("rpn"), adapter)
+def load_toy(model: str = "toy", rpn: str | Path | None = None) -> tuple[FamilyAdapter, RegionProposalNetwork]:
+    """A shipped toy model and its shipped RPN (or the RPN folder given)."""
+    adapter = load_toy_model(model)
+    network = load_rpn(rpn or shipped_dir("rpn", model), adapter)
     return adapter, network
 
 
-def load_toy_model(model_dir: str | Path | None = None) -> FamilyAdapter:
-    """A toy MLLM folder written by `sdrpn.toyworld.recipe` (default: the shipped one)."""
-    model_dir = Path(model_dir) if model_dir else shipped_model_dir()
+def load_toy_model(model: str | Path = "toy") -> FamilyAdapter:
+    """A shipped toy model by name, or a toy MLLM folder written by a toy recipe."""
+    model_dir = toy_model_dir(model)
     if not (model_dir / "recipe.json").is_file():
         raise SdrpnError(
             f"'{model_dir}' is not a toy model folder: no recipe.json (make one with sdrpn.toyworld.recipe)"
