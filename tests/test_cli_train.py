@@ -1,4 +1,5 @@
-"""Pins `sdrpn label` -> `sdrpn train` end to end on a saved tiny LLaVA, and their one-line errors."""
+"""Pins `sdrpn label` -> `sdrpn train` -> `sdrpn ask` end to end on a saved tiny model of each family, and
+their one-line errors."""
 
 from __future__ import annotations
 
@@ -43,6 +44,14 @@ def test_label_then_train(model_dir, image_folder, tmp_path, capsys):
     assert code == 0 and "B=2, R=2" in capsys.readouterr().out
     config = read_rpn_config(tmp_path / "rpn")
     assert config.base_model == str(model_dir) and config.label_settings["max_new_tokens"] == 3
+    image = str(image_folder / "0.png")
+    for upscale in ("box", "mask"):
+        ask = ["ask", "--model", str(model_dir), "--rpn", str(tmp_path / "rpn"), "--image", image]
+        ask += ["--question", "where ?", "--upscale", upscale, "--tau", "0.3", "--max-new-tokens", "2", "--json"]
+        assert main(ask) == 0
+        result = json.loads(capsys.readouterr().out)
+        assert result["method"] == "sdrpn" and len(result["roi_map"]) == result["grid"][0]
+        assert (result["extra_tokens"] > 0) == bool(result["boxes"])
 
 
 def test_one_line_errors(model_dir, image_folder, tmp_path, capsys):

@@ -31,6 +31,11 @@ places. The question names the target by its colour, which is visible at input r
 first find that object: "what colour is the mark on the {colour} object ?" (fine), "what shape is the {colour}
 object ?" / "where is the {colour} object ?" (coarse); yes/no asks about any colour present or absent.
 
+Aspect ratios (``aspect``, default 1:1): a scene may be ``size`` px on its long side and shorter on the
+other (4:3, 3:4, 16:9, 9:16 in ``ASPECTS``), for models with dynamic resolution; objects and marks keep
+their size at 512 px, the "where" cell is the 3x3 cell of the scene's own width and height. A 1:1 scene is
+drawn exactly as before (same pixels for the same seed).
+
 Answers are one word, except the two-word "where" corners. Every sample carries its answer, question
 type, the target's box in scene pixels and its seed; ``make_samples`` is deterministic in its seed.
 """
@@ -63,6 +68,7 @@ MARK_COLOURS = ["red", "green", "blue", "yellow", "purple", "white"]
 QTYPES = ["fine", "coarse", "yesno"]
 MAX_OBJECTS = 3
 QTYPE_WEIGHTS = {"fine": 0.5, "coarse": 0.3, "yesno": 0.2}
+ASPECTS = [(1, 1), (4, 3), (3, 4), (16, 9), (9, 16)]  # (width, height) ratios a scene can have
 ROWS = ["top", "", "bottom"]
 COLS = ["left", "", "right"]
 
@@ -152,8 +158,9 @@ def _noise_bank() -> np.ndarray:
     return _NOISE[0]
 
 
-def _where(cx: float, cy: float, size: int) -> str:
-    row = ROWS[min(2, int(3 * cy / size))]
+def _where(cx: float, cy: float, size: int, height: int | None = None) -> str:
+    height = size if height is None else height
+    row = ROWS[min(2, int(3 * cy / height))]
     col = COLS[min(2, int(3 * cx / size))]
     return " ".join(w for w in (row, col) if w) or "centre"
 
@@ -185,21 +192,25 @@ def _paint_object(img: np.ndarray, rng: np.random.Generator, obj: SceneObject) -
     rgb = np.array(COLOURS[obj.colour], np.float32) + rng.uniform(-12, 12, 3)
     img[y0 : y0 + s, x0 : x0 + s][shape_mask(obj.shape, s)] = rgb
     mx0, my0, mx1, my1 = obj.mark_box
-    rim = max(1, int(round(MARK_RIM * img.shape[0] / SCENE_SIZE)))
+    rim = max(1, int(round(MARK_RIM * max(img.shape[:2]) / SCENE_SIZE)))
     img[my0 - rim : my1 + rim, mx0 - rim : mx1 + rim] = 30.0
     img[my0:my1, mx0:mx1] = np.array(COLOURS[obj.mark], np.float32)
 
 
-def _draw_object(rng: np.random.Generator, size: int, shape: str, colour: str, taken=()) -> SceneObject | None:
-    """Size, place and mark of one object (None if no free place was found away from ``taken`` boxes)."""
-    k = size / SCENE_SIZE
+def _draw_object(
+    rng: np.random.Generator, size: int, shape: str, colour: str, taken=(), height: int | None = None
+) -> SceneObject | None:
+    """Size, place and mark of one object (None if no free place was found away from ``taken`` boxes);
+    ``size`` is the scene's width (and its long side, which scales the object), ``height`` its height."""
+    height = size if height is None else height
+    k = max(size, height) / SCENE_SIZE
     mark_choices = [c for c in MARK_COLOURS if c != colour]
     mark = mark_choices[int(rng.integers(len(mark_choices)))]
     s = int(round(rng.integers(OBJECT_SIZE[0], OBJECT_SIZE[1] + 1) * k))
     margin = int(8 * k)
     for _ in range(100):
         x0 = int(rng.integers(margin, size - s - margin + 1))
-        y0 = int(rng.integers(margin, size - s - margin + 1))
+        y0 = int(rng.integers(margin, height - s - margin + 1))
         box = (x0, y0, x0 + s, y0 + s)
         if not any(_near(box, other, margin) for other in taken):
             break
@@ -207,32 +218,50 @@ def _draw_object(rng: np.random.Generator, size: int, shape: str, colour: str, t
         return None
     ms = max(1, int(round(MARK_SIZE * k)))
     mx0, my0 = x0 + s // 2 - ms // 2, y0 + s // 2 - ms // 2
-    return SceneObject(shape, colour, mark, box, (mx0, my0, mx0 + ms, my0 + ms), _where(x0 + s / 2, y0 + s / 2, size))
+    where = _where(x0 + s / 2, y0 + s / 2, size, height)
+    return SceneObject(shape, colour, mark, box, (mx0, my0, mx0 + ms, my0 + ms), where)
 
 
 def _near(a, b, gap: int) -> bool:
     return a[0] < b[2] + gap and b[0] < a[2] + gap and a[1] < b[3] + gap and b[1] < a[3] + gap
 
 
-def render_scene(seed: int, size: int = SCENE_SIZE, objects: int = 1) -> Scene:
+def scene_dims(size: int = SCENE_SIZE, aspect: tuple[int, int] = (1, 1)) -> tuple[int, int]:
+    """(width, height) of a scene of long side ``size`` and (width, height) ratio ``aspect``."""
+    aw, ah = (int(v) for v in aspect)
+    if aw < 1 or ah < 1:
+        raise ValueError(f"aspect must be two positive integers (width, height), got {aspect!r}")
+    if aw >= ah:
+        return size, int(round(size * ah / aw))
+    return int(round(size * aw / ah)), size
+
+
+def render_scene(seed: int, size: int = SCENE_SIZE, objects: int = 1, aspect: tuple[int, int] = (1, 1)) -> Scene:
     """Draw one scene from its seed (see the module docstring for the grammar). ``objects`` > 1 adds
-    distractors of other colours and shapes; the first object stays the target, drawn as with one."""
+    distractors of other colours and shapes; the first object stays the target, drawn as with one.
+    ``aspect`` (width, height): ``size`` is the long side; (1, 1) draws the square scene of before."""
     if not 1 <= objects <= MAX_OBJECTS:
         raise ValueError(f"objects must be 1..{MAX_OBJECTS}, got {objects}")
+    width, height = scene_dims(size, aspect)
+    square = width == height
     rng = np.random.default_rng(seed)
     k = size / SCENE_SIZE
+
+    def place(n: int) -> np.ndarray:  # n/2 (x, y) points in the scene (square scenes: the draws of before)
+        return rng.uniform(0, size, n) if square else rng.uniform(0, 1, n) * np.array([width, height] * (n // 2))
+
     # Background: gray level with a slow drift.
     base = rng.uniform(95, 165)
     drift = rng.normal(0, 12, (4, 4)).astype(np.float32)
-    drift_img = Image.fromarray(drift).resize((size, size), Image.BILINEAR)
-    layer = Image.new("L", (size, size), 128)  # 128 = no change; blobs and lines overwrite
+    drift_img = Image.fromarray(drift).resize((width, height), Image.BILINEAR)
+    layer = Image.new("L", (width, height), 128)  # 128 = no change; blobs and lines overwrite
     draw = ImageDraw.Draw(layer)
     for _ in range(int(rng.integers(6, 14))):  # faint blobs
         w, h = rng.uniform(20, 110, 2) * k
-        x, y = rng.uniform(0, size, 2)
+        x, y = place(2)
         draw.ellipse([x - w / 2, y - h / 2, x + w / 2, y + h / 2], fill=int(128 + rng.uniform(-28, 28)))
     for _ in range(int(rng.integers(4, 10))):  # faint lines
-        x0, y0, x1, y1 = rng.uniform(0, size, 4)
+        x0, y0, x1, y1 = place(4)
         draw.line([x0, y0, x1, y1], fill=int(128 + rng.uniform(-30, 30)), width=max(1, int(rng.integers(1, 5) * k)))
     clutter = np.asarray(layer, np.float32) - 128.0
     gray = base + np.asarray(drift_img, np.float32) + clutter
@@ -240,20 +269,24 @@ def render_scene(seed: int, size: int = SCENE_SIZE, objects: int = 1) -> Scene:
 
     shape = SHAPES[int(rng.integers(len(SHAPES)))]
     colour = OBJECT_COLOURS[int(rng.integers(len(OBJECT_COLOURS)))]
-    target = _draw_object(rng, size, shape, colour)
+    target = _draw_object(rng, width, shape, colour, height=height)
     _paint_object(img, rng, target)
-    oy, ox = (int(v) for v in rng.integers(0, _NOISE_TILE - size + 1, 2))
+    if square:
+        oy, ox = (int(v) for v in rng.integers(0, _NOISE_TILE - size + 1, 2))
+    else:
+        oy, ox = int(rng.integers(0, _NOISE_TILE - height + 1)), int(rng.integers(0, _NOISE_TILE - width + 1))
     others: list[SceneObject] = []
     if objects > 1:  # drawn after everything a one-object scene draws, so its scene stays the same
         shapes = [x for x in SHAPES if x != shape]
         colours = [x for x in OBJECT_COLOURS if x != colour]
         for i in rng.permutation(len(shapes))[: objects - 1]:
             other_colour = colours.pop(int(rng.integers(len(colours))))
-            other = _draw_object(rng, size, shapes[int(i)], other_colour, [target.box, *(o.box for o in others)])
+            taken = [target.box, *(o.box for o in others)]
+            other = _draw_object(rng, width, shapes[int(i)], other_colour, taken, height=height)
             if other is not None:
                 _paint_object(img, rng, other)
                 others.append(other)
-    img += _noise_bank()[oy : oy + size, ox : ox + size]
+    img += _noise_bank()[oy : oy + height, ox : ox + width]
     image = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), "RGB")
     return Scene(
         image=image,
@@ -295,13 +328,16 @@ def _pick_qtype(rng: np.random.Generator) -> str:
     return QTYPES[int(rng.choice(len(QTYPES), p=[QTYPE_WEIGHTS[q] for q in QTYPES]))]
 
 
-def render_sample(seed: int, qtype: str | None = None, size: int = SCENE_SIZE, objects: int = 1) -> ToySample:
-    """One scene + one question about it; ``qtype=None`` draws the type (fine 50%, coarse 30%, yes/no 20%)."""
-    scene = render_scene(seed, size, objects)
+def render_sample(
+    seed: int, qtype: str | None = None, size: int = SCENE_SIZE, objects: int = 1, aspect: tuple[int, int] = (1, 1)
+) -> ToySample:
+    """One scene + one question about it; ``qtype=None`` draws the type (fine 50%, coarse 30%, yes/no 20%).
+    A scene of another ``aspect`` than 1:1 records it in ``attrs["aspect"]``."""
+    scene = render_scene(seed, size, objects, aspect)
     rng = np.random.default_rng([seed, 1])
     qtype = qtype or _pick_qtype(rng)
     question, answer, sub = ask(scene, qtype, rng)
-    return ToySample(
+    sample = ToySample(
         image=scene.image,
         question=question,
         answer=answer,
@@ -319,38 +355,53 @@ def render_sample(seed: int, qtype: str | None = None, size: int = SCENE_SIZE, o
             "others": [o.box for o in scene.others],
         },
     )
+    if tuple(aspect) != (1, 1):
+        sample.attrs["aspect"] = tuple(int(v) for v in aspect)
+    return sample
 
 
 def sample_seeds(n: int, seed: int) -> list[int]:
     return [int(s) for s in np.random.default_rng(seed).integers(0, 2**31 - 1, n)]
 
 
-def make_samples(n: int, seed: int, qtypes=None, size: int = SCENE_SIZE, objects: int = 1) -> list[ToySample]:
+def make_samples(
+    n: int, seed: int, qtypes=None, size: int = SCENE_SIZE, objects: int = 1, aspects=None
+) -> list[ToySample]:
     """``n`` samples, deterministic in ``seed``; ``qtypes`` (a type or a list) restricts the question types
-    (cycled in order when a list is given); ``objects`` objects per scene."""
+    (cycled in order when a list is given); ``objects`` objects per scene; ``aspects`` (a list of (width,
+    height) ratios, e.g. ``ASPECTS``) cycles the scenes' aspect ratios (None: all square, as before)."""
     if isinstance(qtypes, str):
         qtypes = [qtypes]
     seeds = sample_seeds(n, seed)
     return [
-        render_sample(s, None if not qtypes else qtypes[i % len(qtypes)], size, objects) for i, s in enumerate(seeds)
+        render_sample(
+            s,
+            None if not qtypes else qtypes[i % len(qtypes)],
+            size,
+            objects,
+            (1, 1) if not aspects else tuple(aspects[i % len(aspects)]),
+        )
+        for i, s in enumerate(seeds)
     ]
 
 
-def square_box(cx: float, cy: float, side: float, size: int) -> tuple[int, int, int, int]:
-    """An integer square box of ``side`` px centred at (cx, cy), shifted to lie inside the image."""
-    side = int(round(min(max(side, 2), size)))
+def square_box(cx: float, cy: float, side: float, size: int, height: int | None = None) -> tuple[int, int, int, int]:
+    """An integer square box of ``side`` px centred at (cx, cy), shifted to lie inside the image (``size`` px
+    wide, ``height`` px high; None: square)."""
+    height = size if height is None else height
+    side = int(round(min(max(side, 2), size, height)))
     x0 = int(round(cx - side / 2))
     y0 = int(round(cy - side / 2))
     x0 = min(max(x0, 0), size - side)
-    y0 = min(max(y0, 0), size - side)
+    y0 = min(max(y0, 0), height - side)
     return (x0, y0, x0 + side, y0 + side)
 
 
 def oracle_crop_box(sample, scale: float = 2.0) -> tuple[int, int, int, int]:
     """The ground-truth crop: a square ``scale`` times the target's size, centred on it, inside the image."""
     x0, y0, x1, y1 = sample.target_box
-    size = sample.image.size[0]
-    return square_box((x0 + x1) / 2, (y0 + y1) / 2, scale * max(x1 - x0, y1 - y0), size)
+    width, height = sample.image.size
+    return square_box((x0 + x1) / 2, (y0 + y1) / 2, scale * max(x1 - x0, y1 - y0), width, height)
 
 
 def to_input(image: Image.Image, box=None, input_size: int = INPUT_SIZE) -> Image.Image:
