@@ -13,10 +13,9 @@ from PIL import Image
 import sdrpn
 from sdrpn.attention import teacher_attention
 from sdrpn.errors import SdrpnError
-from sdrpn.images import load_image
+from sdrpn.images import load_image, pad_to_square
 from sdrpn.infer import GENERIC_PROMPT, InferSettings, RoiPrediction, Zoom, load
 from sdrpn.models import wrap_model
-from sdrpn.models.llava import pad_to_square
 from sdrpn.roi import Geometry, RoiSettings, crop_token_mask, find_regions, grid_box_to_pixels, image_cells
 from sdrpn.rpn import RegionProposalNetwork, load_rpn
 from tests.conftest import build_tiny, random_images

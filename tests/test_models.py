@@ -122,3 +122,12 @@ def test_shipped_names_resolve_through_the_package():
     assert resolve("toy", "mllm") == str(shipped_dir("mllm", "toy"))
     assert json.loads((shipped_dir("mllm", "toy") / "config.json").read_text())["model_type"] == "llava"
     assert resolve("llava-hf/llava-1.5-7b-hf", "mllm") == "llava-hf/llava-1.5-7b-hf"
+
+
+def test_load_takes_shipped_names_in_python_as_on_the_command_line():
+    import sdrpn
+
+    zoom = sdrpn.load(model="toy", rpn="toy", max_new_tokens=2)
+    assert zoom.rpn is not None and zoom.settings.method == "sdrpn"
+    assert zoom.rpn.config.base_model == "toy"
+    assert isinstance(zoom.ask(random_images(1, size=(64, 48))[0], "what colour is the object ?").answer, str)

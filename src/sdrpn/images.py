@@ -180,3 +180,14 @@ def _message(name: str, reason: str) -> str:
 
 def _one_line(text: str) -> str:
     return " ".join(text.split())
+
+
+def pad_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
+    """Centre the image on a square canvas of its longer side."""
+    width, height = image.size
+    side = max(width, height)
+    if width == height:
+        return image
+    canvas = Image.new("RGB", (side, side), fill)
+    canvas.paste(image, ((side - width) // 2, (side - height) // 2))
+    return canvas

@@ -7,36 +7,22 @@ predicted region maps back onto the original image.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import torch
 from PIL import Image
 from torch import nn
 from transformers import AutoConfig, LlavaForConditionalGeneration, LlavaProcessor
 
 from sdrpn.errors import SdrpnError
+from sdrpn.images import pad_to_square
 from sdrpn.models.base import (
-    AttentionShape,
     CropTokens,
-    FamilyAdapter,
     FamilyDefaults,
     KnownCheckpoint,
     PromptBatch,
     pad_visual_positions,
 )
+from sdrpn.models.stock import StockLayoutAdapter
 from sdrpn.roi import Geometry
-
-
-def pad_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
-    """Centre the image on a square canvas of its longer side."""
-    width, height = image.size
-    side = max(width, height)
-    if width == height:
-        return image
-    canvas = Image.new("RGB", (side, side), fill)
-    canvas.paste(image, ((side - width) // 2, (side - height) // 2))
-    return canvas
 
 
 def padding_positions(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -69,7 +55,7 @@ LLAVA_CHECKPOINTS = (
 )
 
 
-class LlavaAdapter(FamilyAdapter):
+class LlavaAdapter(StockLayoutAdapter):
     family = "LLaVA-1.5"
     model_types = ("llava",)
     known_checkpoints = LLAVA_CHECKPOINTS
@@ -77,7 +63,6 @@ class LlavaAdapter(FamilyAdapter):
     def __init__(self, model: nn.Module, processor, name_or_path: str, **options):
         self._refuse_options(options)
         super().__init__(model, processor, name_or_path)
-        processor.tokenizer.padding_side = "left"  # batched decoding continues from every row's last token
 
     @classmethod
     def from_pretrained(
@@ -118,38 +103,15 @@ class LlavaAdapter(FamilyAdapter):
         return self.middle_band_defaults(sink_heads={min(2, self.attention_shape.num_layers - 1): None})
 
     # --- prompts -------------------------------------------------------------------------------
-    @property
-    def tokenizer(self):
-        return self.processor.tokenizer
-
     def _fill_colour(self) -> tuple[int, int, int]:
         mean = getattr(self.processor.image_processor, "image_mean", None) or [0.5, 0.5, 0.5]
         return tuple(int(round(255 * m)) for m in mean)
-
-    def _messages(self, conversation: list[str], upto: int) -> list[dict]:
-        messages = []
-        for index, text in enumerate(conversation[:upto]):
-            role = "user" if index % 2 == 0 else "assistant"
-            content = [{"type": "text", "text": text}]
-            if index == 0:
-                content.insert(0, {"type": "image"})
-            messages.append({"role": role, "content": content})
-        return messages
-
-    def _prompt(self, conversation: list[str], upto: int) -> str:
-        return self.processor.apply_chat_template(self._messages(conversation, upto), add_generation_prompt=True)
 
     def prepare(
         self, images: list[Image.Image], conversations: list[list[str]], *, training: bool = False
     ) -> PromptBatch:
         """LLaVA-1.5 sees every image padded to a square at one resolution, for training and answering alike."""
-        if len(images) != len(conversations):
-            raise SdrpnError(f"got {len(images)} images for {len(conversations)} conversations")
-        for conversation in conversations:
-            if not conversation or len(conversation) % 2 == 0:
-                raise SdrpnError("a conversation must alternate user/assistant turns and end with a user turn")
-            if any(not text.strip() for text in conversation[::2]):
-                raise SdrpnError("empty question")
+        self._check_conversations(images, conversations)
         fill = self._fill_colour()
         squares = [pad_to_square(image, fill) for image in images]
         prompts = [self._prompt(c, len(c)) for c in conversations]
@@ -165,14 +127,7 @@ class LlavaAdapter(FamilyAdapter):
         side = int(round(visual_positions.shape[1] ** 0.5))
         if side * side != visual_positions.shape[1]:
             raise SdrpnError(f"{visual_positions.shape[1]} visual tokens do not form a square grid")
-        query_positions = []
-        for row, conversation in enumerate(conversations):
-            pad = int((attention_mask[row] == 0).sum())
-            earlier = [  # earlier turns: the prompt up to that turn, with "<image>" expanded as the processor does
-                pad + len(self.tokenizer(self._prompt(conversation, upto))["input_ids"]) + counts[row] - 2
-                for upto in range(1, len(conversation) - 1, 2)
-            ]
-            query_positions.append([*earlier, input_ids.shape[1] - 1])
+        query_positions = self._query_positions(conversations, attention_mask, counts.tolist())
         geometries = [Geometry.pad_to_square(*image.size, side, side) for image in images]
         return PromptBatch(
             inputs=inputs,
@@ -182,66 +137,6 @@ class LlavaAdapter(FamilyAdapter):
             geometries=geometries,
             images=list(images),
         )
-
-    # --- layers --------------------------------------------------------------------------------
-    @property
-    def _language_model(self) -> nn.Module:
-        return self.model.model.language_model
-
-    @property
-    def decoder_layers(self) -> nn.ModuleList:
-        return self._language_model.layers
-
-    @property
-    def attention_shape(self) -> AttentionShape:
-        text = self.model.config.text_config
-        heads = text.num_attention_heads
-        return AttentionShape(
-            num_layers=text.num_hidden_layers,
-            num_heads=heads,
-            num_kv_heads=text.num_key_value_heads or heads,
-            head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads,
-            hidden_size=text.hidden_size,
-        )
-
-    def attention_module(self, layer: nn.Module) -> nn.Module:
-        return layer.self_attn
-
-    def qk_parts(self, layer: nn.Module) -> tuple[nn.Module, nn.Module, nn.Module]:
-        return layer.input_layernorm, layer.self_attn.q_proj, layer.self_attn.k_proj
-
-    @contextmanager
-    def _swapped_layers(self, layers: list[nn.Module]) -> Iterator[None]:
-        """Run the stock forward over other layers and without the final norm (no modeling code copied)."""
-        language_model = self._language_model
-        saved = language_model.layers, language_model.norm
-        language_model.layers, language_model.norm = nn.ModuleList(layers), nn.Identity()
-        try:
-            yield
-        finally:
-            language_model.layers, language_model.norm = saved
-
-    def run_layers(self, hidden: torch.Tensor, batch: PromptBatch, layers: list[nn.Module]) -> torch.Tensor:
-        if not layers:
-            return hidden
-        with self._swapped_layers(layers):
-            out = self._language_model(
-                inputs_embeds=hidden,
-                attention_mask=batch.inputs["attention_mask"],
-                position_ids=batch.position_ids,
-                use_cache=False,
-            )
-        return out.last_hidden_state
-
-    @contextmanager
-    def text_attention(self, implementation: str) -> Iterator[None]:
-        text_config = self.model.config.text_config
-        saved = text_config._attn_implementation
-        text_config._attn_implementation = implementation
-        try:
-            yield
-        finally:
-            text_config._attn_implementation = saved
 
     # --- images and generation -----------------------------------------------------------------
     def _image_features(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
@@ -310,11 +205,3 @@ class LlavaAdapter(FamilyAdapter):
             padded[index, length - len(row) :] = row
             masks.append(torch.arange(length, device=embeds.device) >= length - len(row))
         return padded, torch.stack(masks).long()
-
-    def decode(self, token_ids: torch.Tensor) -> list[str]:
-        return [text.strip() for text in self.tokenizer.batch_decode(token_ids, skip_special_tokens=True)]
-
-    @property
-    def eos_token_ids(self) -> list[int]:
-        eos = self.model.generation_config.eos_token_id
-        return list(eos) if isinstance(eos, (list, tuple)) else [eos]

@@ -12,8 +12,6 @@ from the rope index over both grids; masked-out crop tokens are removed after po
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -25,15 +23,15 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 from transformers.processing_utils import ProcessorMixin
 
 from sdrpn.errors import SdrpnError
+from sdrpn.images import pad_to_square
 from sdrpn.models.base import (
-    AttentionShape,
     CropTokens,
-    FamilyAdapter,
     FamilyDefaults,
     KnownCheckpoint,
     PromptBatch,
     pad_visual_positions,
 )
+from sdrpn.models.stock import StockLayoutAdapter
 from sdrpn.roi import Geometry, RoiSettings
 
 TOKEN_PIXELS = 28  # one merged token: 2 x 2 patches of 14 px
@@ -131,7 +129,7 @@ QWEN_CHECKPOINTS = (
 )
 
 
-class Qwen2_5_VLAdapter(FamilyAdapter):
+class Qwen2_5_VLAdapter(StockLayoutAdapter):
     family = "Qwen2.5-VL"
     model_types = ("qwen2_5_vl",)
     known_checkpoints = QWEN_CHECKPOINTS
@@ -147,7 +145,6 @@ class Qwen2_5_VLAdapter(FamilyAdapter):
         label_pixels: int | None = None,
     ):
         super().__init__(model, processor, name_or_path)
-        processor.tokenizer.padding_side = "left"  # batched decoding continues from every row's last token
         defaults = self.defaults()
         self.min_pixels = min_pixels or defaults.min_pixels
         self.max_pixels = max_pixels or defaults.max_pixels
@@ -200,23 +197,6 @@ class Qwen2_5_VLAdapter(FamilyAdapter):
         )
 
     # --- prompts -------------------------------------------------------------------------------
-    @property
-    def tokenizer(self):
-        return self.processor.tokenizer
-
-    def _messages(self, conversation: list[str], upto: int) -> list[dict]:
-        messages = []
-        for index, text in enumerate(conversation[:upto]):
-            role = "user" if index % 2 == 0 else "assistant"
-            content = [{"type": "text", "text": text}]
-            if index == 0:
-                content.insert(0, {"type": "image"})
-            messages.append({"role": role, "content": content})
-        return messages
-
-    def _prompt(self, conversation: list[str], upto: int) -> str:
-        return self.processor.apply_chat_template(self._messages(conversation, upto), add_generation_prompt=True)
-
     def _pixels(self, training: bool) -> dict:
         if training:
             side = max(1, round(self.label_pixels**0.5 / TOKEN_PIXELS)) * TOKEN_PIXELS
@@ -228,7 +208,7 @@ class Qwen2_5_VLAdapter(FamilyAdapter):
         processor's own rounding could miss it by a token); else the image, grown to one token if smaller."""
         if training:
             side = max(1, round(self.label_pixels**0.5 / TOKEN_PIXELS)) * TOKEN_PIXELS
-            return [_pad_square(image).resize((side, side), Image.BICUBIC) for image in images]
+            return [pad_to_square(image, PAD_GRAY).resize((side, side), Image.BICUBIC) for image in images]
         return [_at_least_one_token(image) for image in images]
 
     def _geometries(self, images: list[Image.Image], grid_thw: torch.Tensor, training: bool) -> list[Geometry]:
@@ -243,13 +223,7 @@ class Qwen2_5_VLAdapter(FamilyAdapter):
     def prepare(
         self, images: list[Image.Image], conversations: list[list[str]], *, training: bool = False
     ) -> PromptBatch:
-        if len(images) != len(conversations):
-            raise SdrpnError(f"got {len(images)} images for {len(conversations)} conversations")
-        for conversation in conversations:
-            if not conversation or len(conversation) % 2 == 0:
-                raise SdrpnError("a conversation must alternate user/assistant turns and end with a user turn")
-            if any(not text.strip() for text in conversation[::2]):
-                raise SdrpnError("empty question")
+        self._check_conversations(images, conversations)
         prompts = [self._prompt(c, len(c)) for c in conversations]
         inputs = self._process(self._layout(images, training), prompts, training)
         input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
@@ -265,19 +239,11 @@ class Qwen2_5_VLAdapter(FamilyAdapter):
             image_grid_thw=inputs["image_grid_thw"],
             attention_mask=attention_mask,
         )
-        query_positions = []
-        for row, conversation in enumerate(conversations):
-            pad = int((attention_mask[row] == 0).sum())
-            earlier = [  # earlier turns: the prompt up to that turn, with the image pad expanded as the processor does
-                pad + len(self.tokenizer(self._prompt(conversation, upto))["input_ids"]) + counts[row] - 2
-                for upto in range(1, len(conversation) - 1, 2)
-            ]
-            query_positions.append([*earlier, input_ids.shape[1] - 1])
         return PromptBatch(
             inputs=inputs,
             position_ids=position_ids,
             visual_positions=pad_visual_positions([row.nonzero()[:, 0] for row in is_visual]),
-            query_positions=query_positions,
+            query_positions=self._query_positions(conversations, attention_mask, counts),
             geometries=geometries,
             images=list(images),
         )
@@ -296,32 +262,6 @@ class Qwen2_5_VLAdapter(FamilyAdapter):
         return inputs
 
     # --- layers --------------------------------------------------------------------------------
-    @property
-    def _language_model(self) -> nn.Module:
-        return self.model.model.language_model
-
-    @property
-    def decoder_layers(self) -> nn.ModuleList:
-        return self._language_model.layers
-
-    @property
-    def attention_shape(self) -> AttentionShape:
-        text = self.model.config.text_config
-        heads = text.num_attention_heads
-        return AttentionShape(
-            num_layers=text.num_hidden_layers,
-            num_heads=heads,
-            num_kv_heads=text.num_key_value_heads or heads,
-            head_dim=text.hidden_size // heads,
-            hidden_size=text.hidden_size,
-        )
-
-    def attention_module(self, layer: nn.Module) -> nn.Module:
-        return layer.self_attn
-
-    def qk_parts(self, layer: nn.Module) -> tuple[nn.Module, nn.Module, nn.Module]:
-        return layer.input_layernorm, layer.self_attn.q_proj, layer.self_attn.k_proj
-
     def position_qk(self, q: torch.Tensor, k: torch.Tensor, batch: PromptBatch, query_index: torch.Tensor):
         """M-RoPE at the real 3-D positions of the query tokens and of the visual tokens, as the layer applies it."""
         rows = torch.arange(batch.size, device=q.device)[:, None]
@@ -332,39 +272,6 @@ class Qwen2_5_VLAdapter(FamilyAdapter):
         q, _ = apply_rotary_pos_emb(q, q, cos_q, sin_q)
         k, _ = apply_rotary_pos_emb(k, k, cos_k, sin_k)
         return q, k
-
-    @contextmanager
-    def _swapped_layers(self, layers: list[nn.Module]) -> Iterator[None]:
-        """Run the stock forward over other layers and without the final norm (no modeling code copied)."""
-        language_model = self._language_model
-        saved = language_model.layers, language_model.norm
-        language_model.layers, language_model.norm = nn.ModuleList(layers), nn.Identity()
-        try:
-            yield
-        finally:
-            language_model.layers, language_model.norm = saved
-
-    def run_layers(self, hidden: torch.Tensor, batch: PromptBatch, layers: list[nn.Module]) -> torch.Tensor:
-        if not layers:
-            return hidden
-        with self._swapped_layers(layers):
-            out = self._language_model(
-                inputs_embeds=hidden,
-                attention_mask=batch.inputs["attention_mask"],
-                position_ids=batch.position_ids,
-                use_cache=False,
-            )
-        return out.last_hidden_state
-
-    @contextmanager
-    def text_attention(self, implementation: str) -> Iterator[None]:
-        text_config = self.model.config.text_config
-        saved = text_config._attn_implementation
-        text_config._attn_implementation = implementation
-        try:
-            yield
-        finally:
-            text_config._attn_implementation = saved
 
     # --- images and generation -----------------------------------------------------------------
     def _image_features(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> list[torch.Tensor]:
@@ -471,25 +378,6 @@ class Qwen2_5_VLAdapter(FamilyAdapter):
             num_beams=1,
             pad_token_id=self.tokenizer.pad_token_id,
         )
-
-    def decode(self, token_ids: torch.Tensor) -> list[str]:
-        return [text.strip() for text in self.tokenizer.batch_decode(token_ids, skip_special_tokens=True)]
-
-    @property
-    def eos_token_ids(self) -> list[int]:
-        eos = self.model.generation_config.eos_token_id
-        return list(eos) if isinstance(eos, (list, tuple)) else [eos]
-
-
-def _pad_square(image: Image.Image) -> Image.Image:
-    """Centre the image on a gray square of its longer side (the released label/training layout)."""
-    width, height = image.size
-    side = max(width, height)
-    if width == height:
-        return image
-    canvas = Image.new("RGB", (side, side), PAD_GRAY)
-    canvas.paste(image, ((side - width) // 2, (side - height) // 2))
-    return canvas
 
 
 def _at_least_one_token(image: Image.Image) -> Image.Image:

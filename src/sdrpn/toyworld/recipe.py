@@ -70,7 +70,7 @@ from PIL import Image
 from transformers.utils.constants import OPENAI_CLIP_MEAN
 
 from sdrpn.files import atomic_write_json
-from sdrpn.models.llava import pad_to_square
+from sdrpn.images import pad_to_square
 from sdrpn.models.tiny import TinyLlavaSpec, build_tiny_llava
 from sdrpn.toyworld import world as W
 

@@ -1,0 +1,136 @@
+"""What the supported families share: a chat template, and a transformers text model at `model.model.language_model`
+with decoder layers whose attention has `q_proj` / `k_proj` and an `input_layernorm` in front.
+
+Family adapters subclass `StockLayoutAdapter` and add only what is theirs (image layout, positions, crops)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from sdrpn.errors import SdrpnError
+from sdrpn.models.base import AttentionShape, FamilyAdapter, PromptBatch
+
+
+class StockLayoutAdapter(FamilyAdapter):
+    """The shared half of an adapter; left padding, so batched decoding continues from every row's last token."""
+
+    def __init__(self, model: nn.Module, processor, name_or_path: str):
+        super().__init__(model, processor, name_or_path)
+        processor.tokenizer.padding_side = "left"
+
+    # --- prompts -------------------------------------------------------------------------------
+    @property
+    def tokenizer(self):
+        return self.processor.tokenizer
+
+    def _messages(self, conversation: list[str], upto: int) -> list[dict]:
+        messages = []
+        for index, text in enumerate(conversation[:upto]):
+            role = "user" if index % 2 == 0 else "assistant"
+            content = [{"type": "text", "text": text}]
+            if index == 0:
+                content.insert(0, {"type": "image"})
+            messages.append({"role": role, "content": content})
+        return messages
+
+    def _prompt(self, conversation: list[str], upto: int) -> str:
+        return self.processor.apply_chat_template(self._messages(conversation, upto), add_generation_prompt=True)
+
+    @staticmethod
+    def _check_conversations(images: list, conversations: list[list[str]]) -> None:
+        if len(images) != len(conversations):
+            raise SdrpnError(f"got {len(images)} images for {len(conversations)} conversations")
+        for conversation in conversations:
+            if not conversation or len(conversation) % 2 == 0:
+                raise SdrpnError("a conversation must alternate user/assistant turns and end with a user turn")
+            if any(not text.strip() for text in conversation[::2]):
+                raise SdrpnError("empty question")
+
+    def _query_positions(
+        self, conversations: list[list[str]], attention_mask: torch.Tensor, visual_counts: list[int]
+    ) -> list[list[int]]:
+        """Per sample, the last token of each user turn: earlier turns from the length of the prompt up to that
+        turn (its one image placeholder expanded to the image's tokens, as the processor does), the last turn at
+        the end of the left-padded row."""
+        positions = []
+        for row, conversation in enumerate(conversations):
+            pad = int((attention_mask[row] == 0).sum())
+            earlier = [
+                pad + len(self.tokenizer(self._prompt(conversation, upto))["input_ids"]) + visual_counts[row] - 2
+                for upto in range(1, len(conversation) - 1, 2)
+            ]
+            positions.append([*earlier, attention_mask.shape[1] - 1])
+        return positions
+
+    # --- layers --------------------------------------------------------------------------------
+    @property
+    def _language_model(self) -> nn.Module:
+        return self.model.model.language_model
+
+    @property
+    def decoder_layers(self) -> nn.ModuleList:
+        return self._language_model.layers
+
+    @property
+    def attention_shape(self) -> AttentionShape:
+        text = self.model.config.text_config
+        heads = text.num_attention_heads
+        return AttentionShape(
+            num_layers=text.num_hidden_layers,
+            num_heads=heads,
+            num_kv_heads=text.num_key_value_heads or heads,
+            head_dim=self.attention_module(self.decoder_layers[0]).head_dim,
+            hidden_size=text.hidden_size,
+        )
+
+    def attention_module(self, layer: nn.Module) -> nn.Module:
+        return layer.self_attn
+
+    def qk_parts(self, layer: nn.Module) -> tuple[nn.Module, nn.Module, nn.Module]:
+        return layer.input_layernorm, layer.self_attn.q_proj, layer.self_attn.k_proj
+
+    @contextmanager
+    def _swapped_layers(self, layers: list[nn.Module]) -> Iterator[None]:
+        """Run the stock forward over other layers and without the final norm (no modeling code copied)."""
+        language_model = self._language_model
+        saved = language_model.layers, language_model.norm
+        language_model.layers, language_model.norm = nn.ModuleList(layers), nn.Identity()
+        try:
+            yield
+        finally:
+            language_model.layers, language_model.norm = saved
+
+    def run_layers(self, hidden: torch.Tensor, batch: PromptBatch, layers: list[nn.Module]) -> torch.Tensor:
+        if not layers:
+            return hidden
+        with self._swapped_layers(layers):
+            out = self._language_model(
+                inputs_embeds=hidden,
+                attention_mask=batch.inputs["attention_mask"],
+                position_ids=batch.position_ids,
+                use_cache=False,
+            )
+        return out.last_hidden_state
+
+    @contextmanager
+    def text_attention(self, implementation: str) -> Iterator[None]:
+        text_config = self.model.config.text_config
+        saved = text_config._attn_implementation
+        text_config._attn_implementation = implementation
+        try:
+            yield
+        finally:
+            text_config._attn_implementation = saved
+
+    # --- decoding ------------------------------------------------------------------------------
+    def decode(self, token_ids: torch.Tensor) -> list[str]:
+        return [text.strip() for text in self.tokenizer.batch_decode(token_ids, skip_special_tokens=True)]
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        eos = self.model.generation_config.eos_token_id
+        return list(eos) if isinstance(eos, (list, tuple)) else [eos]
