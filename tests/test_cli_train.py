@@ -66,7 +66,7 @@ def test_one_line_errors(model_dir, image_folder, tmp_path, capsys):
                 "--out",
                 str(tmp_path / "l"),
             ],
-            "cannot read model",
+            "does not exist",
         ),
         (
             [

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from sdrpn.data import read_samples
+from sdrpn.errors import SdrpnError
 from sdrpn.images import load_image
 from sdrpn.labeling import LabelCache, LabelSettings
 from sdrpn.rpn import RegionProposalNetwork, load_rpn
@@ -90,10 +91,34 @@ def test_train_writes_checkpoint_and_resumes(adapter, image_folder, tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         train_rpn(adapter, labels, tmp_path / "split", settings, progress=False, open_image=interrupting_load)
-    state = torch.load(tmp_path / "split" / "last" / "train_state.pt", weights_only=False)
+    state = torch.load(tmp_path / "split" / "resume.pt", weights_only=True)
     assert state["batch"] == 6
     resumed = train_rpn(adapter, labels, tmp_path / "split", settings, progress=False, resume=True)
     reloaded = load_rpn(tmp_path / "split", adapter)
     assert reloaded.config.frozen_layers == 2
     for (name, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=name)
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (print, ("code ran from a training state",))
+
+
+def test_a_training_state_holding_code_is_refused(adapter, image_folder, tmp_path, capsys):
+    labels = _planted_labels(adapter, image_folder, tmp_path / "labels")
+    (tmp_path / "rpn").mkdir()
+    torch.save({"rpn": {}, "batch": _Exploit()}, tmp_path / "rpn" / "resume.pt")
+    settings = TrainSettings(frozen_layers=2, rpn_layers=3, batch_size=2, epochs=1)
+    with pytest.raises(SdrpnError, match="is not a training state sdrpn wrote"):
+        train_rpn(adapter, labels, tmp_path / "rpn", settings, progress=False, resume=True)
+    assert "code ran" not in capsys.readouterr().out
+
+
+def test_resume_with_other_settings_is_refused(adapter, image_folder, tmp_path):
+    labels = _planted_labels(adapter, image_folder, tmp_path / "labels")
+    settings = TrainSettings(frozen_layers=2, rpn_layers=3, batch_size=2, epochs=1, save_every=2)
+    train_rpn(adapter, labels, tmp_path / "rpn", settings, progress=False, max_steps=2)
+    other = TrainSettings(frozen_layers=2, rpn_layers=3, batch_size=3, epochs=1, save_every=2)
+    with pytest.raises(SdrpnError, match="other settings or data"):
+        train_rpn(adapter, labels, tmp_path / "rpn", other, progress=False, resume=True, max_steps=2)

@@ -4,12 +4,71 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import traceback
+from pathlib import Path
 
 from sdrpn.errors import SdrpnError
 from sdrpn.files import atomic_write_json
 
 DTYPES = ("float32", "bfloat16", "float16")
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (a batch of 0 or -1 tokens is a typo, not a setting)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def check_device(device: str | None) -> None:
+    """Refuse a device that cannot hold the model, before minutes of loading."""
+    if device is None:
+        return
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise SdrpnError(f"--device {device!r} is not a device (cpu, cuda, cuda:1, mps, ...)") from None
+    if parsed.type == "meta":
+        raise SdrpnError("--device meta holds no weights; choose cpu or cuda")
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SdrpnError(f"--device {device}: CUDA is not available on this machine (torch {torch.__version__})")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise SdrpnError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise SdrpnError("--device mps: MPS is not available on this machine")
+
+
+def check_output_file(path: str | None, option: str) -> None:
+    """A file the command will write: not a directory, under a writable folder (missing folders are made)."""
+    if path is None:
+        return
+    target = Path(path)
+    if not str(path).strip():
+        raise SdrpnError(f"{option} is empty")
+    if target.is_dir():
+        raise SdrpnError(f"{option} '{path}' is a directory; give a file name")
+    folder = target.parent
+    while not folder.exists() and folder != folder.parent:  # missing folders are made when writing
+        folder = folder.parent
+    if not folder.is_dir():
+        raise SdrpnError(f"{option} '{path}': '{folder}' is not a folder")
+    if not os.access(folder, os.W_OK):
+        raise SdrpnError(f"{option} '{path}': folder '{folder}' is not writable")
+
+
+def check_output_folder(path: str, option: str = "--out") -> None:
+    """A folder the command will fill: it may exist (to resume) but must not be a file."""
+    if Path(path).exists() and not Path(path).is_dir():
+        raise SdrpnError(f"{option} '{path}' is a file, not a folder")
 
 
 def _add_model(parser: argparse.ArgumentParser) -> None:
@@ -45,6 +104,7 @@ def _load_adapter(args):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sdrpn", description="Self-distilled region proposal for multimodal LLMs.")
+    parser.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
     commands = parser.add_subparsers(dest="command", required=True)
 
     label = commands.add_parser("label", help="pseudo-labels from the model's own answer->image attention")
@@ -52,10 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     label.add_argument("--data", required=True, help="LLaVA instruction JSON or JSONL of {image, question}")
     label.add_argument("--out", required=True, help="label folder (re-running resumes)")
     label.add_argument("--image-root", default=None, help="folder image paths are relative to (default: the data's)")
-    label.add_argument("--max-samples", type=int, default=None, help="seeded random subset (e.g. 10000)")
+    label.add_argument("--max-samples", type=positive_int, default=None, help="seeded random subset (e.g. 10000)")
     label.add_argument("--seed", type=int, default=0)
-    label.add_argument("--batch-size", type=int, default=4)
-    label.add_argument("--shard-size", type=int, default=256)
+    label.add_argument("--batch-size", type=positive_int, default=4)
+    label.add_argument("--shard-size", type=positive_int, default=256)
     label.add_argument(
         "--label-heads",
         "--layers",
@@ -69,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     label.add_argument("--fg", type=float, default=0.2)
     label.add_argument("--bg", type=float, default=0.1)
     label.add_argument("--max-box-frac", type=float, default=0.5)
-    label.add_argument("--max-new-tokens", type=int, default=128)
+    label.add_argument("--max-new-tokens", type=positive_int, default=128)
 
     train = commands.add_parser("train", help="train the RPN on a label folder")
     _add_model(train)
@@ -78,11 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--frozen-layers", "-B", type=int, default=None, help="B (default: the model's)")
     train.add_argument("--rpn-layers", "-R", type=int, default=None, help="R (default: 3)")
     train.add_argument("--lr", type=float, default=5e-5)
-    train.add_argument("--batch-size", type=int, default=8)
-    train.add_argument("--grad-accumulation", type=int, default=1)
+    train.add_argument("--batch-size", type=positive_int, default=8)
+    train.add_argument("--grad-accumulation", type=positive_int, default=1)
     train.add_argument("--epochs", type=float, default=1.0)
-    train.add_argument("--max-samples", type=int, default=None)
-    train.add_argument("--max-steps", type=int, default=None)
+    train.add_argument("--max-samples", type=positive_int, default=None)
+    train.add_argument("--max-steps", type=positive_int, default=None)
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--save-every", type=int, default=0, help="steps between resumable checkpoints")
     train.add_argument("--mixed-precision", choices=("auto", "bf16", "no"), default="auto")
@@ -105,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="crop a square of this many tokens centred on each region's mass (0 = the region's token box)",
     )
-    ask.add_argument("--max-new-tokens", type=int, default=128)
+    ask.add_argument("--max-new-tokens", type=positive_int, default=128)
     ask.add_argument("--save-overlay", default=None, help="write a PNG of the image, RoI map and boxes")
     ask.add_argument(
         "--overlay-crops", action="store_true", help="add a strip of the cropped regions to the overlay's right"
@@ -118,15 +178,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--model", choices=("toy", "toy-qwen"), default="toy", help="which shipped toy model")
     demo.add_argument("--train-rpn", action="store_true", help="redo the self-distillation from scratch first")
     demo.add_argument("--scenes", type=int, default=4)
-    demo.add_argument("--eval-scenes", type=int, default=100)
+    demo.add_argument("--eval-scenes", type=positive_int, default=100)
     demo.add_argument("--seed", type=int, default=None)
-    demo.add_argument("--label-samples", type=int, default=2000)
+    demo.add_argument("--label-samples", type=positive_int, default=2000)
     demo.add_argument("--out", default="sdrpn-demo", help="folder for overlays (and the retrained RPN)")
 
     bench = commands.add_parser("bench", help="benchmarks")
     bench.add_argument("suite", choices=("toy",), help="toy: the synthetic fine-detail world")
     bench.add_argument("--seed", type=int, default=7)
-    bench.add_argument("--n", type=int, default=300)
+    bench.add_argument("--n", type=positive_int, default=300)
     bench.add_argument("--json", default=None, help="write the results here")
     bench.add_argument("--work", default="sdrpn-bench", help="resumable work folder")
     bench.add_argument(
@@ -135,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--rpn", default=None, help="RPN to benchmark (default: the shipped one; for --model, one self-distilled first)"
     )
-    bench.add_argument("--label-samples", type=int, default=2000)
+    bench.add_argument("--label-samples", type=positive_int, default=2000)
     bench.add_argument("--sweep", default="250,1000", help="data sizes for the sweep ('' to skip)")
     bench.add_argument(
         "--rpn-seeds", default="1,2", help="train the SD-RPN again with these seeds, to show the spread ('' to skip)"
@@ -162,6 +222,8 @@ def cmd_label(args) -> int:
         max_box_frac=args.max_box_frac,
         max_new_tokens=args.max_new_tokens,
     )
+    check_output_folder(args.out)
+    check_device(args.device)
     report = read_samples(args.data, args.image_root)
     samples = shuffled_subset(report.samples, args.max_samples, args.seed)
     adapter = _load_adapter(args)
@@ -194,6 +256,8 @@ def cmd_train(args) -> int:
         mixed_precision=args.mixed_precision,
         target=args.target,
     )
+    check_output_folder(args.out)
+    check_device(args.device)
     adapter = _load_adapter(args)
     rpn = train_rpn(adapter, args.labels, args.out, settings, resume=args.resume, max_steps=args.max_steps)
     print(f"RPN (B={rpn.config.frozen_layers}, R={rpn.config.rpn_layers}) saved to {args.out}")
@@ -205,6 +269,8 @@ def cmd_ask(args) -> int:
     from sdrpn.infer import load
     from sdrpn.overlay import save_overlay
 
+    check_device(args.device)
+    check_output_file(args.save_overlay, "--save-overlay")
     image = load_image(args.image)
     adapter = _load_adapter(args)
     zoom = load(
@@ -297,16 +363,32 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Any failure ends in one line naming the problem: 2 for bad input or settings, 1 for anything else
+    (`--debug` shows the traceback)."""
     args = build_parser().parse_args(argv)
     _quiet_libraries()
     try:
         return COMMANDS[args.command](args)
     except SdrpnError as error:
-        print(f"sdrpn {args.command}: error: {error}", file=sys.stderr)
+        if args.debug:
+            traceback.print_exc()
+        print(f"sdrpn {args.command}: error: {_one_line(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"sdrpn {args.command}: interrupted (finished work is saved; re-run to resume)", file=sys.stderr)
         return 130
+    except Exception as error:  # noqa: BLE001 - the last line of defence: never a traceback unless asked
+        if args.debug:
+            traceback.print_exc()
+        print(
+            f"sdrpn {args.command}: error: {type(error).__name__}: {_one_line(error)} (--debug shows where)",
+            file=sys.stderr,
+        )
+        return 1
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
 
 
 def _quiet_libraries() -> None:

@@ -8,7 +8,9 @@ a PIL traceback nor silently feed the model a black or garbage image.
 from __future__ import annotations
 
 import contextlib
+import io
 import os
+import stat
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,10 +21,11 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from sdrpn.errors import SdrpnError
 
 _HIGH_DEPTH_MODES = {"I", "F"}  # and every "I;16*" variant, matched by prefix
+FRAMES_WARNING = "sdrpn_warning"  # key in the returned image's `info`: what the caller should be told
 
 
 def load_image(
-    source: str | os.PathLike[str] | Image.Image,
+    source: str | os.PathLike[str] | Image.Image | np.ndarray | bytes,
     *,
     max_pixels: int = 40_000_000,
     max_aspect: float = 50.0,
@@ -56,7 +59,19 @@ def load_image(
         name = getattr(source, "filename", "") or "<in-memory image>"
         with _quiet_pil():
             return _to_rgb_checked(source, name, max_pixels, max_aspect)
+    if isinstance(source, np.ndarray):
+        return load_image(_from_array(source), max_pixels=max_pixels, max_aspect=max_aspect)
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return _from_bytes(bytes(source), max_pixels, max_aspect)
+    if not isinstance(source, (str, os.PathLike)):
+        raise SdrpnError(
+            f"an image must be a path, a PIL image, a numpy array (H, W, 3) of uint8 or the bytes of an image "
+            f"file, got {type(source).__name__}"
+        )
     name = os.fspath(source)
+    if not str(name).strip():
+        raise SdrpnError("image path is empty")
+    _check_regular_file(name)
     try:
         with _quiet_pil(), Image.open(Path(name)) as img:
             _check_size(img, name, max_pixels, max_aspect)
@@ -65,6 +80,44 @@ def load_image(
     except SdrpnError:
         raise
     except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, zlib/struct errors, ...
+        raise SdrpnError(_message(name, _reason(exc))) from exc
+
+
+def _check_regular_file(name: str) -> None:
+    """Open only regular files: a FIFO or a device would block or stream forever."""
+    try:
+        mode = os.stat(name).st_mode
+    except FileNotFoundError:
+        raise SdrpnError(_message(name, "file not found")) from None
+    except OSError as exc:
+        raise SdrpnError(_message(name, _reason(exc))) from None
+    if stat.S_ISDIR(mode):
+        raise SdrpnError(_message(name, "is a directory, not an image file"))
+    if not stat.S_ISREG(mode):
+        raise SdrpnError(_message(name, "not a regular file (a pipe, socket or device is never opened)"))
+
+
+def _from_array(pixels: np.ndarray) -> Image.Image:
+    """(H, W), (H, W, 3) or (H, W, 4) uint8 pixels -> a PIL image; anything else is refused, not guessed."""
+    shape = pixels.shape
+    if pixels.dtype != np.uint8 or not (pixels.ndim == 2 or (pixels.ndim == 3 and shape[2] in (3, 4))):
+        raise SdrpnError(f"image array must be (H, W), (H, W, 3) or (H, W, 4) of uint8, got {shape} of {pixels.dtype}")
+    if min(shape[:2]) < 1:
+        raise SdrpnError(f"image array is empty ({shape})")
+    return Image.fromarray(np.ascontiguousarray(pixels))
+
+
+def _from_bytes(data: bytes, max_pixels: int, max_aspect: float) -> Image.Image:
+    """The bytes of an image file (PNG, JPEG, ...), as read from a file or a network response."""
+    name = f"<{len(data)} bytes>"
+    try:
+        with _quiet_pil(), Image.open(io.BytesIO(data)) as img:
+            _check_size(img, name, max_pixels, max_aspect)
+            img.load()
+            return _to_rgb_checked(img, name, max_pixels, max_aspect)
+    except SdrpnError:
+        raise
+    except Exception as exc:
         raise SdrpnError(_message(name, _reason(exc))) from exc
 
 
@@ -81,6 +134,7 @@ def _quiet_pil() -> Iterator[None]:
 def _to_rgb_checked(img: Image.Image, name: str, max_pixels: int, max_aspect: float) -> Image.Image:
     """Orient, check and convert; a decoding failure of an in-memory image is reported the same way."""
     _check_size(img, name, max_pixels, max_aspect)
+    frames = int(getattr(img, "n_frames", 1) or 1)
     try:
         img.load()
         img = _exif_transpose(img)
@@ -88,6 +142,8 @@ def _to_rgb_checked(img: Image.Image, name: str, max_pixels: int, max_aspect: fl
     except Exception as exc:
         raise SdrpnError(_message(name, _reason(exc))) from exc
     rgb.load()
+    if frames > 1:  # animated GIF, multi-page TIFF: only the first frame is seen, and the caller is told
+        rgb.info[FRAMES_WARNING] = f"image {_one_line(name)!r} has {frames} frames; only the first is used"
     return rgb
 
 

@@ -19,7 +19,7 @@ from PIL import Image
 
 from sdrpn.attention import prompt_attention, teacher_attention
 from sdrpn.errors import SdrpnError
-from sdrpn.images import load_image
+from sdrpn.images import FRAMES_WARNING, load_image
 from sdrpn.labeling import LabelSettings
 from sdrpn.models import CropTokens, FamilyAdapter, PromptBatch, load_model
 from sdrpn.models.base import LayerHeads
@@ -55,6 +55,8 @@ class InferSettings:
 
     def __post_init__(self) -> None:
         _check_choice(self.method, self.upscale)
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise SdrpnError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
 
 
 def _check_choice(method: str, upscale: str) -> None:
@@ -87,6 +89,7 @@ class ZoomResult:
     timings: dict[str, float]
     geometry: Geometry | None = None  # how roi_map lies on the image (for overlays)
     input_size: tuple[int, int] | None = None  # (width, height) px the vision tower saw (resolution budgets resize)
+    warnings: list[str] = field(default_factory=list)  # e.g. a multi-frame image of which one frame was read
 
     def to_json(self) -> dict:
         grid = None if self.geometry is None else [self.geometry.grid_height, self.geometry.grid_width]
@@ -98,6 +101,7 @@ class ZoomResult:
             "grid": grid,
             "input_size": None if self.input_size is None else list(self.input_size),
             "extra_tokens": self.extra_tokens,
+            "warnings": list(self.warnings),
             "timings": {k: round(v, 6) for k, v in self.timings.items()},
         }
 
@@ -148,6 +152,8 @@ class Zoom:
     def predict_roi(self, images, questions, method: str | None = None) -> list[RoiPrediction]:
         """Boxes and maps without generating (to put in front of another serving stack)."""
         method, _ = self._resolve(method, None)
+        if not _as_list(images, "images") and not _as_list(questions, "questions"):
+            return []
         batch = self._prepare(images, questions)
         maps = self.roi_maps(batch, method)
         if maps is None:
@@ -172,6 +178,8 @@ class Zoom:
     def ask_batch(self, images, questions, method: str | None = None, upscale: str | None = None) -> list[ZoomResult]:
         """Answer a batch; every sample's answer equals what it gets alone (left padding, real positions)."""
         method, upscale = self._resolve(method, upscale)
+        if not _as_list(images, "images") and not _as_list(questions, "questions"):
+            return []
         started = time.perf_counter()
         batch = self._prepare(images, questions)
         maps = self.roi_maps(batch, method)
@@ -180,17 +188,18 @@ class Zoom:
 
     def ask_with_boxes(self, images, questions, boxes: list[list[PixelBox]]) -> list[ZoomResult]:
         """Answer with crops of given pixel boxes (one crop each, e.g. from an external detector)."""
+        images, questions = _as_list(images, "images"), _as_list(questions, "questions")
+        boxes = _as_list(boxes, "boxes")
         if not len(images) == len(questions) == len(boxes):
             raise SdrpnError(f"got {len(images)} images, {len(questions)} questions and {len(boxes)} box lists")
+        if not images:
+            return []
         started = time.perf_counter()
         batch = self._prepare(images, questions)
         predictions = []
         for image_boxes, geometry in zip(boxes, batch.geometries):
-            width, height = geometry.image_width, geometry.image_height
-            for x0, y0, x1, y1 in image_boxes:
-                if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
-                    raise SdrpnError(f"box {(x0, y0, x1, y1)} is empty or outside the {width} x {height} image")
-            predictions.append(RoiPrediction(None, None, list(image_boxes), None, geometry))
+            checked = _check_boxes(image_boxes, geometry.image_width, geometry.image_height)
+            predictions.append(RoiPrediction(None, None, checked, None, geometry))
         return self._answer(batch, predictions, "given-boxes", METHODS["given-boxes"].upscale, started)
 
     def _answer(self, batch, predictions, method: str, upscale: str, started: float) -> list[ZoomResult]:
@@ -222,9 +231,10 @@ class Zoom:
                 },
                 geometry=geometry,
                 input_size=self.adapter.input_size(geometry),
+                warnings=[image.info[FRAMES_WARNING]] if FRAMES_WARNING in image.info else [],
             )
-            for answer, p, sample_crops, seconds, geometry in zip(
-                answers, predictions, crops, encode_seconds, batch.geometries
+            for answer, p, sample_crops, seconds, geometry, image in zip(
+                answers, predictions, crops, encode_seconds, batch.geometries, batch.images
             )
         ]
 
@@ -240,9 +250,11 @@ class Zoom:
         return self.ask_batch([image], [question], method, upscale)[0]
 
     def _prepare(self, images, questions) -> PromptBatch:
+        images, questions = _as_list(images, "images"), _as_list(questions, "questions")
+        if len(images) != len(questions):
+            raise SdrpnError(f"got {len(images)} images for {len(questions)} questions")
         images = [load_image(image) for image in images]
-        conversations = [[q] if isinstance(q, str) else list(q) for q in questions]
-        return self.adapter.prepare(images, conversations)
+        return self.adapter.prepare(images, [_conversation(q) for q in questions])
 
 
 # --- methods: where stage 1 looks -----------------------------------------------------------------
@@ -315,6 +327,36 @@ register_method(Method("given-boxes", _no_maps, upscale="box", askable=False))  
 def askable_methods() -> tuple[str, ...]:
     """What `ask` and `--method` offer."""
     return tuple(name for name, method in METHODS.items() if method.askable)
+
+
+def _as_list(items, what: str) -> list:
+    if isinstance(items, (str, bytes)) or not hasattr(items, "__len__"):
+        raise SdrpnError(f"{what} must be a list (one per sample), got {type(items).__name__}")
+    return list(items)
+
+
+def _conversation(question) -> list[str]:
+    """A question (str) or a conversation (list of str alternating user/assistant, ending with the user)."""
+    turns = [question] if isinstance(question, str) else question
+    if not isinstance(turns, (list, tuple)) or not all(isinstance(t, str) for t in turns):
+        raise SdrpnError(f"a question must be a string (or a list of strings for a chat), got {question!r:.60}")
+    return list(turns)
+
+
+def _check_boxes(image_boxes, width: int, height: int) -> list[PixelBox]:
+    """Given boxes: lists of 4 numbers (x0, y0, x1, y1) in pixels, non-empty, inside the image."""
+    if isinstance(image_boxes, (str, bytes)) or not hasattr(image_boxes, "__iter__"):
+        raise SdrpnError(f"boxes of an image must be a list of (x0, y0, x1, y1), got {image_boxes!r:.60}")
+    checked = []
+    for box in image_boxes:
+        values = list(box) if hasattr(box, "__iter__") and not isinstance(box, (str, bytes)) else None
+        if values is None or len(values) != 4 or not all(isinstance(v, (int, float, np.number)) for v in values):
+            raise SdrpnError(f"a box must be 4 numbers (x0, y0, x1, y1), got {box!r:.60}")
+        x0, y0, x1, y1 = (int(round(float(v))) if np.isfinite(float(v)) else -1 for v in values)
+        if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
+            raise SdrpnError(f"box {tuple(values)} is empty or outside the {width} x {height} image")
+        checked.append((x0, y0, x1, y1))
+    return checked
 
 
 def _max_normalised(grid: torch.Tensor) -> np.ndarray:

@@ -64,10 +64,14 @@ class LabelSettings:
         if sink_rule == "attention" and not sink_heads:
             raise SdrpnError("the attention sink rule needs sink heads, and this model has none by default")
         num_layers = adapter.attention_shape.num_layers
+        num_heads = adapter.attention_shape.num_heads
         for kind, layers in (("label", label_heads), ("sink", sink_heads or {})):
-            for layer in layers:
+            for layer, heads in layers.items():
                 if not 0 <= layer < num_layers:
                     raise SdrpnError(f"{kind} layer {layer} does not exist (the model has {num_layers} layers)")
+                for head in heads or []:
+                    if not 0 <= head < num_heads:
+                        raise SdrpnError(f"{kind} head {layer}:{head} does not exist (layers have {num_heads} heads)")
         norm_layer = self.norm_layer if self.norm_layer is not None else min(label_heads)
         threshold = self.sink_threshold if self.sink_threshold is not None else defaults.sink_threshold
         return LabelSettings(

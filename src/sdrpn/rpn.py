@@ -112,6 +112,17 @@ class RegionProposalNetwork(nn.Module):
         logits = (q @ k.transpose(-1, -2)) / shape.head_dim**0.5  # (B, H, Q, N_v)
         return logits.float().mean(1), query_mask
 
+    def load_state_dict_checked(self, state: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
+        """Load weights; names that are missing or unexpected are returned, shapes that differ are refused."""
+        mine = self.state_dict()
+        for name, tensor in state.items():
+            if name in mine and tuple(mine[name].shape) != tuple(tensor.shape):
+                raise SdrpnError(
+                    f"RPN weight {name} has shape {tuple(tensor.shape)}, the model needs {tuple(mine[name].shape)}"
+                )
+        result = self.load_state_dict(state, strict=False)
+        return list(result.missing_keys), list(result.unexpected_keys)
+
     # --- checkpoint ----------------------------------------------------------------------------
     def save(self, directory: str | Path, **extra_training: object) -> Path:
         """Write the adapter folder atomically (a crash never leaves a half-written checkpoint)."""
@@ -124,33 +135,71 @@ class RegionProposalNetwork(nn.Module):
         return directory
 
 
+_CONFIG_TYPES = {
+    "base_model": str,
+    "model_type": str,
+    "fingerprint": str,
+    "weights_digest": str,
+    "frozen_layers": int,
+    "rpn_layers": int,
+    "label_settings": dict,
+    "training": dict,
+    "roi_settings": dict,
+    "sdrpn_version": str,
+}
+
+
 def read_rpn_config(directory: str | Path) -> RpnConfig:
+    """The checkpoint's config, every field checked: a tampered or truncated file is refused in one line."""
     path = Path(directory) / CONFIG_NAME
     if not path.is_file():
         raise SdrpnError(f"'{directory}' is not an RPN checkpoint: no {CONFIG_NAME}")
     try:
-        data = json.loads(path.read_text())
-        return RpnConfig(**data)
-    except (json.JSONDecodeError, TypeError) as error:
-        raise SdrpnError(f"'{path}' is not a valid RPN config: {error}") from None
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise SdrpnError(f"'{path}' is not a valid RPN config: {' '.join(str(error).split())}") from None
+    if not isinstance(data, dict):
+        raise SdrpnError(f"'{path}' is not a valid RPN config: expected a JSON object, got {type(data).__name__}")
+    unknown = sorted(set(data) - set(_CONFIG_TYPES))
+    if unknown:
+        raise SdrpnError(f"'{path}' is not a valid RPN config: unknown keys {unknown}")
+    for key, kind in _CONFIG_TYPES.items():
+        if key in data and (not isinstance(data[key], kind) or isinstance(data[key], bool)):
+            raise SdrpnError(f"'{path}': {key} must be a {kind.__name__}, got {data[key]!r:.40}")
+    missing = [key for key in list(_CONFIG_TYPES)[:6] if key not in data]
+    if missing:
+        raise SdrpnError(f"'{path}' is not a valid RPN config: missing {missing}")
+    return RpnConfig(**data)
+
+
+def check_base(config: RpnConfig, adapter: FamilyAdapter, where: str | Path) -> None:
+    """Refuse an RPN made for another base model (other shapes, or the same shapes with other weights)."""
+    mine = (adapter.model.config.model_type, adapter.fingerprint(), weights_digest(adapter, 0))
+    theirs = (config.model_type, config.fingerprint, config.weights_digest)
+    if mine != theirs:
+        raise SdrpnError(
+            f"RPN '{where}' was trained for base model '{config.base_model}', not '{adapter.name_or_path}' "
+            "(shapes or weights differ); train an RPN for this model, or pass allow_other_base=True"
+        )
 
 
 def load_rpn(directory: str | Path, adapter: FamilyAdapter, *, allow_other_base: bool = False) -> RegionProposalNetwork:
     """Load an RPN onto its base model; another base model raises unless `allow_other_base`."""
     config = read_rpn_config(directory)
     if not allow_other_base:
-        mine = (adapter.model.config.model_type, adapter.fingerprint(), weights_digest(adapter, 0))
-        theirs = (config.model_type, config.fingerprint, config.weights_digest)
-        if mine != theirs:
-            raise SdrpnError(
-                f"RPN '{directory}' was trained for base model '{config.base_model}', not '{adapter.name_or_path}' "
-                "(shapes or weights differ); train an RPN for this model, or pass allow_other_base=True"
-            )
+        check_base(config, adapter, directory)
     rpn = RegionProposalNetwork(adapter, config.frozen_layers, config.rpn_layers, config)
-    state = load_file(str(Path(directory) / WEIGHTS_NAME))
-    missing, unexpected = rpn.load_state_dict(state, strict=False)
+    weights = Path(directory) / WEIGHTS_NAME
+    if not weights.is_file():
+        raise SdrpnError(f"RPN '{directory}' has no {WEIGHTS_NAME}")
+    try:
+        state = load_file(str(weights))
+    except Exception as error:  # safetensors raises its own error types for truncated or corrupt files
+        raise SdrpnError(f"'{weights}' is not a readable safetensors file ({' '.join(str(error).split())})") from None
+    missing, unexpected = rpn.load_state_dict_checked(state)
     if missing or unexpected:
         raise SdrpnError(
-            f"RPN weights in '{directory}' do not match: missing {missing[:3]}, unexpected {unexpected[:3]}"
+            f"RPN weights in '{directory}' do not match its config (B={config.frozen_layers}, R={config.rpn_layers}): "
+            f"missing {missing[:3]}, unexpected {unexpected[:3]}"
         )
     return rpn.to(adapter.device).eval()

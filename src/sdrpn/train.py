@@ -5,11 +5,15 @@ Several GPUs, one node: accelerate launch --num_processes 4 -m sdrpn.cli train -
 
 Only the RPN's R layers train; the B frozen layers run under no_grad. The loss is BCE-with-logits on the
 labelled tokens only (0 when a sample has none). AdamW (0.9, 0.98), no weight decay, cosine schedule with
-3% warm-up, gradient clipping. `--resume` continues from the last step checkpoint in the output folder.
+3% warm-up, gradient clipping. `--resume` continues from the last step checkpoint in the output folder: one file
+(`OUT/resume.pt`, written atomically, read without unpickling code) holding the RPN, optimiser, schedule, step
+and the run's identity (settings, data); a resume with other settings or data is refused.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import random
 from collections.abc import Callable
@@ -23,14 +27,14 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from sdrpn.errors import SdrpnError
-from sdrpn.files import atomic_write, atomic_write_json
+from sdrpn.files import atomic_write
 from sdrpn.images import load_image
 from sdrpn.labeling import LabelCache, LabelSettings, make_labels
 from sdrpn.models.base import FamilyAdapter
-from sdrpn.rpn import RegionProposalNetwork, load_rpn
+from sdrpn.rpn import RegionProposalNetwork, RpnConfig, check_base
 
 TARGETS = ("labels", "labels-no-sinks", "raw-mse")
-STATE_NAME = "train_state.pt"
+STATE_NAME = "resume.pt"
 
 
 @dataclass
@@ -128,14 +132,18 @@ def train_rpn(
     settings = settings or TrainSettings()
     records, label_settings, _ = load_records(label_dir, settings.max_samples, settings.seed)
     out_dir = Path(out_dir)
-    state_path = out_dir / "last" / STATE_NAME
-    if resume and state_path.is_file():
-        rpn = load_rpn(out_dir / "last", adapter)
+    state_path = out_dir / STATE_NAME
+    state = _read_state(state_path) if resume and state_path.is_file() else None
+    defaults = adapter.defaults()
+    frozen = settings.frozen_layers or defaults.frozen_layers
+    depth = settings.rpn_layers or defaults.rpn_layers
+    if state is not None:
+        config = RpnConfig(**json.loads(state["rpn_config"]))
+        check_base(config, adapter, state_path)
+        rpn = RegionProposalNetwork(adapter, config.frozen_layers, config.rpn_layers, config)
+        rpn.load_state_dict_checked(state["rpn"])
     else:
-        defaults = adapter.defaults()
-        rpn = RegionProposalNetwork(
-            adapter, settings.frozen_layers or defaults.frozen_layers, settings.rpn_layers or defaults.rpn_layers
-        )
+        rpn = RegionProposalNetwork(adapter, frozen, depth)
     rpn.config.label_settings = label_settings.to_json()
     rpn.float().train()
     for parameter in adapter.model.parameters():
@@ -161,12 +169,17 @@ def train_rpn(
     rpn, optimizer = accelerator.prepare(rpn, optimizer)  # the schedule counts updates itself (below)
     adapter.model.to(accelerator.device)
 
+    identity = _run_identity(settings, records, label_settings, total_batches, (frozen, depth))
     start = 0
-    if resume and state_path.is_file():
-        state = torch.load(state_path, weights_only=False)
+    if state is not None:
+        if json.loads(state["identity"]) != identity:
+            raise SdrpnError(
+                f"'{state_path}' belongs to a run with other settings or data; resume with the same options, "
+                "or train into a new --out"
+            )
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        start = state["batch"]
+        start = int(state["batch"])
     order = [
         i for epoch in range(math.ceil(settings.epochs)) for i in _epoch_order(len(records), settings.seed + epoch)
     ]
@@ -193,9 +206,9 @@ def train_rpn(
         bar.set_postfix(loss=f"{loss.item():.4f}")
         done = batch_index + 1
         if settings.save_every and done % settings.save_every == 0 and done < total_batches:
-            _save(accelerator, rpn, optimizer, scheduler, out_dir / "last", done, settings)
+            _save(accelerator, rpn, optimizer, scheduler, state_path, done, identity)
     bar.close()
-    _save(accelerator, rpn, optimizer, scheduler, out_dir / "last", total_batches, settings)
+    _save(accelerator, rpn, optimizer, scheduler, state_path, total_batches, identity)
     final = accelerator.unwrap_model(rpn)
     if accelerator.is_main_process:
         final.save(out_dir, **_training_record(settings, len(records), total_batches))
@@ -212,11 +225,38 @@ def _training_record(settings: TrainSettings, samples: int, batches: int) -> dic
     return {"settings": asdict(settings), "samples": samples, "batches": batches}
 
 
-def _save(accelerator, rpn, optimizer, scheduler, directory: Path, batch: int, settings: TrainSettings) -> None:
-    """A resumable checkpoint: RPN folder + optimizer/scheduler state, written atomically."""
+def _run_identity(settings: TrainSettings, records: list[dict], labels: LabelSettings, batches: int, depth) -> dict:
+    """What a resumed run must share with the one it continues: settings, schedule length and the data."""
+    chosen = {k: v for k, v in asdict(settings).items() if k != "save_every"}
+    ids = hashlib.sha256("\n".join(sorted(r["sample_id"] for r in records)).encode()).hexdigest()[:16]
+    return {"settings": chosen, "batches": batches, "depth": list(depth), "samples": ids, "labels": labels.to_json()}
+
+
+def _read_state(path: Path) -> dict:
+    """A resume file, loaded without running any code from it (tensors and plain values only)."""
+    try:
+        state = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as error:  # pickle errors for code in the file, zip errors for a truncated one
+        raise SdrpnError(
+            f"'{path}' is not a training state sdrpn wrote ({' '.join(str(error).split())[:160]})"
+        ) from None
+    needed = {"rpn", "rpn_config", "optimizer", "scheduler", "batch", "identity"}
+    if not isinstance(state, dict) or not needed <= set(state):
+        raise SdrpnError(f"'{path}' is not a training state sdrpn wrote (missing parts)")
+    return state
+
+
+def _save(accelerator, rpn, optimizer, scheduler, path: Path, batch: int, identity: dict) -> None:
+    """One resumable checkpoint in ONE file, written atomically: its pieces cannot come from different steps."""
     if not accelerator.is_main_process:
         return
-    accelerator.unwrap_model(rpn).save(directory)
-    state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "batch": batch}
-    atomic_write(directory / STATE_NAME, lambda file: torch.save(state, file))
-    atomic_write_json(directory / "progress.json", {"batch": batch, "settings": asdict(settings)})
+    network = accelerator.unwrap_model(rpn)
+    state = {
+        "rpn": {name: tensor.detach().cpu() for name, tensor in network.state_dict().items()},
+        "rpn_config": json.dumps(asdict(network.config)),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "batch": batch,
+        "identity": json.dumps(identity, sort_keys=True),
+    }
+    atomic_write(path, lambda file: torch.save(state, file))

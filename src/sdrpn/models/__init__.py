@@ -34,11 +34,20 @@ def _model_type(name_or_path: str) -> str:
     path = Path(name_or_path)
     if path.exists() and path.is_dir() and not (path / "config.json").is_file():
         raise SdrpnError(f"model directory '{name_or_path}' has no config.json")
+    if path.exists() and not path.is_dir():
+        raise SdrpnError(f"model '{name_or_path}' is a file; give a model folder or a hub name")
+    if not path.exists() and _looks_local(name_or_path):
+        raise SdrpnError(f"model folder '{name_or_path}' does not exist")
     try:
         return AutoConfig.from_pretrained(name_or_path).model_type
     except (OSError, ValueError) as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise SdrpnError(f"cannot read model '{name_or_path}': {reason}") from None
+
+
+def _looks_local(name: str) -> bool:
+    """A hub name is 'org/model' (or a bare legacy name); an absolute, relative or home path is a folder."""
+    return name.startswith(("/", ".", "~")) or "\\" in name or name.count("/") > 1
 
 
 def load_model(

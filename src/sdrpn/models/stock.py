@@ -40,15 +40,22 @@ class StockLayoutAdapter(FamilyAdapter):
     def _prompt(self, conversation: list[str], upto: int) -> str:
         return self.processor.apply_chat_template(self._messages(conversation, upto), add_generation_prompt=True)
 
-    @staticmethod
-    def _check_conversations(images: list, conversations: list[list[str]]) -> None:
+    def _check_conversations(self, images: list, conversations: list[list[str]]) -> None:
+        """Turns are user text: they may not hold the model's special tokens (an `<image>` would change the
+        number of images, an end-of-turn token the conversation)."""
         if len(images) != len(conversations):
             raise SdrpnError(f"got {len(images)} images for {len(conversations)} conversations")
+        special = {t for t in self.tokenizer.all_special_tokens if len(t) > 1}
+        special |= {getattr(self.processor, name, None) for name in ("image_token", "video_token")} - {None}
         for conversation in conversations:
             if not conversation or len(conversation) % 2 == 0:
                 raise SdrpnError("a conversation must alternate user/assistant turns and end with a user turn")
             if any(not text.strip() for text in conversation[::2]):
                 raise SdrpnError("empty question")
+            for text in conversation:
+                found = sorted(token for token in special if token in text)
+                if found:
+                    raise SdrpnError(f"the text holds the model's special token {found[0]!r}; remove it")
 
     def _query_positions(
         self, conversations: list[list[str]], attention_mask: torch.Tensor, visual_counts: list[int]

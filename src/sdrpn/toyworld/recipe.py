@@ -656,7 +656,7 @@ def train(args: RecipeArgs, out: Path, log) -> dict:
     log(f"pool of {args.pool} scenes ready ({time.time() - t0:.0f}s)")
     start_b = 0
     if ckpt_path.exists():
-        ck = torch.load(ckpt_path, weights_only=False)
+        ck = torch.load(ckpt_path, weights_only=True)
         model.load_state_dict(ck["model"])
         heads.load_state_dict(ck["heads"])
         start_b = ck["step"]
