@@ -128,3 +128,27 @@ def test_bad_depth_and_bad_folder(adapter, tmp_path):
         RegionProposalNetwork(adapter, adapter.attention_shape.num_layers - 1, 3)
     with pytest.raises(SdrpnError, match="not an RPN checkpoint"):
         load_rpn(tmp_path, adapter)
+
+
+def test_a_base_model_fine_tuned_where_the_rpn_reads_is_refused(adapter, family, tmp_path):
+    """The binding covers every weight the RPN's input depends on, and only those."""
+    RegionProposalNetwork(adapter, 2, 3).save(tmp_path / "rpn")
+    model, processor = build_tiny(family)
+    tuned = wrap_model(model, processor, "tuned")
+    assert load_rpn(tmp_path / "rpn", tuned) is not None  # the same weights: accepted
+    vision = next(p for n, p in model.named_parameters() if "vision" in n or "visual" in n)
+    with torch.no_grad():
+        list(tuned.decoder_layers)[-1].mlp.down_proj.weight.add_(0.5)  # after the RPN: its input is unchanged
+    assert load_rpn(tmp_path / "rpn", tuned) is not None
+    with torch.no_grad():
+        vision.add_(0.05)  # a fine-tuned vision tower moves every box
+    with pytest.raises(SdrpnError, match="trained for base model"):
+        load_rpn(tmp_path / "rpn", tuned)
+
+
+def test_an_rpn_of_an_older_digest_is_refused_with_the_reason(adapter, tmp_path):
+    rpn = RegionProposalNetwork(adapter, 2, 3)
+    rpn.config.weights_digest = "243ab1d31466732c"
+    rpn.save(tmp_path / "rpn")
+    with pytest.raises(SdrpnError, match="older sdrpn"):
+        load_rpn(tmp_path / "rpn", adapter)

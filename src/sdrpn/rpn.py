@@ -29,12 +29,20 @@ CONFIG_NAME = "rpn_config.json"
 WEIGHTS_NAME = "rpn_model.safetensors"
 
 
-def weights_digest(adapter: FamilyAdapter, layer: int) -> str:
-    """A digest of a frozen layer's weights (rounded to bf16, so fp32/bf16 loads agree): same shapes
-    with other weights (a fine-tune) must not silently reuse an RPN."""
-    _, q_proj, _ = adapter.qk_parts(adapter.decoder_layers[layer])
-    sample = q_proj.weight.detach().flatten()[:65536].to(torch.bfloat16).float().cpu()
-    return hashlib.sha256(sample.numpy().tobytes()).hexdigest()[:16]
+DIGEST_VERSION = "v2"
+
+
+def weights_digest(adapter: FamilyAdapter, frozen_layers: int) -> str:
+    """A digest of every weight the RPN's input depends on (vision tower, projector, embeddings, the B frozen
+    layers): a strided sample of each tensor, rounded to bf16 so fp32 and bf16 loads agree. A base model whose
+    vision tower, projector or early layers were fine-tuned gives other boxes, so it must not reuse an RPN."""
+    digest = hashlib.sha256()
+    for name, tensor in adapter.input_parameters(frozen_layers):
+        flat = tensor.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 4096)].to(torch.bfloat16).float().cpu()
+        digest.update(f"{name}{tuple(tensor.shape)}".encode())
+        digest.update(sample.numpy().tobytes())
+    return f"{DIGEST_VERSION}:{digest.hexdigest()[:16]}"
 
 
 @dataclass
@@ -77,7 +85,7 @@ class RegionProposalNetwork(nn.Module):
             base_model=adapter.name_or_path,
             model_type=adapter.model.config.model_type,
             fingerprint=adapter.fingerprint(),
-            weights_digest=weights_digest(adapter, 0),
+            weights_digest=weights_digest(adapter, frozen_layers),
             frozen_layers=frozen_layers,
             rpn_layers=rpn_layers,
             sdrpn_version=__version__,
@@ -174,7 +182,12 @@ def read_rpn_config(directory: str | Path) -> RpnConfig:
 
 def check_base(config: RpnConfig, adapter: FamilyAdapter, where: str | Path) -> None:
     """Refuse an RPN made for another base model (other shapes, or the same shapes with other weights)."""
-    mine = (adapter.model.config.model_type, adapter.fingerprint(), weights_digest(adapter, 0))
+    if not config.weights_digest.startswith(f"{DIGEST_VERSION}:"):
+        raise SdrpnError(
+            f"RPN '{where}' was made by an older sdrpn whose record of the base model's weights cannot be checked; "
+            "train it again, or pass allow_other_base=True"
+        )
+    mine = (adapter.model.config.model_type, adapter.fingerprint(), weights_digest(adapter, config.frozen_layers))
     theirs = (config.model_type, config.fingerprint, config.weights_digest)
     if mine != theirs:
         raise SdrpnError(

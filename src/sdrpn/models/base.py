@@ -233,6 +233,10 @@ class FamilyAdapter(ABC):
         """Hidden states (B, T, D) after the first `num_layers` decoder layers (no final norm)."""
         return self.run_layers(self.input_embeddings(batch), batch, list(self.decoder_layers)[:num_layers])
 
+    @abstractmethod
+    def input_parameters(self, frozen_layers: int) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, tensor) of every weight the hidden states after `frozen_layers` layers depend on."""
+
     @contextmanager
     @abstractmethod
     def text_attention(self, implementation: str) -> Iterator[None]:

@@ -100,6 +100,16 @@ class StockLayoutAdapter(FamilyAdapter):
     def qk_parts(self, layer: nn.Module) -> tuple[nn.Module, nn.Module, nn.Module]:
         return layer.input_layernorm, layer.self_attn.q_proj, layer.self_attn.k_proj
 
+    def input_parameters(self, frozen_layers: int) -> Iterator[tuple[str, torch.Tensor]]:
+        """Everything but the decoder layers from `frozen_layers` on, the final norm and the output head."""
+        later = {id(p) for layer in list(self.decoder_layers)[frozen_layers:] for p in layer.parameters()}
+        later |= {id(p) for p in self._language_model.norm.parameters()}
+        later |= {id(p) for p in self.model.get_output_embeddings().parameters()}
+        later -= {id(p) for p in self.model.get_input_embeddings().parameters()}  # tied embeddings stay in
+        for name, parameter in sorted(self.model.named_parameters(), key=lambda item: item[0]):
+            if id(parameter) not in later:
+                yield name, parameter
+
     @contextmanager
     def _swapped_layers(self, layers: list[nn.Module]) -> Iterator[None]:
         """Run the stock forward over other layers and without the final norm (no modeling code copied)."""

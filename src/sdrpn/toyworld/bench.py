@@ -49,7 +49,7 @@ def _claim(work: Path, adapter, model_dir: Path) -> None:
     """A work folder caches one model's results: refuse to mix in another model's."""
     owner = {
         "model": str(model_dir.resolve()),
-        "weights": weights_digest(adapter, 0),
+        "weights": weights_digest(adapter, adapter.attention_shape.num_layers),
         "fingerprint": adapter.fingerprint(),
     }
     path = work / "model.json"
