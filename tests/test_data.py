@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from sdrpn.data import ReadReport, Sample, read_samples, shuffled_subset
+from sdrpn.data import ReadReport, Sample, _content_key, read_samples, shuffled_subset
 from sdrpn.errors import SdrpnError
 
 
@@ -61,7 +61,7 @@ def test_llava_json(root: Path) -> None:
     assert report.bad == []
     first, second = report.samples
     assert first == Sample("000001", (root / "imgs/a.jpg").resolve(), "What is it?", "A cat.")
-    assert second.sample_id == "llava:1"  # no "id": stem + 0-based record index
+    assert second.sample_id == f"llava:{_content_key('imgs/b.jpg', 'Where?')}"  # no "id": stem + content
     assert second.question == "Where?"
     assert second.image_path.is_absolute()
 
@@ -130,7 +130,7 @@ def test_jsonl(root: Path) -> None:
     )
     report = read_samples(path)
     assert report.bad == []
-    assert [s.sample_id for s in report.samples] == ["x1", "qa:4", "7"]  # 1-based line numbers
+    assert [s.sample_id for s in report.samples] == ["x1", f"qa:{_content_key('imgs/b.jpg', 'How many?')}", "7"]
     assert [s.question for s in report.samples] == ["What?", "How many?", "Which?"]
     assert [s.answer for s in report.samples] == ["cat", "3", None]
     assert report.samples[1].image_path == (root / "imgs" / "b.jpg").resolve()
@@ -145,7 +145,7 @@ def test_jsonl_with_bom_and_crlf(root: Path) -> None:
 
 def test_single_line_jsonl(root: Path) -> None:
     path = _write_jsonl(root / "one.jsonl", [{"image": "imgs/a.jpg", "question": "Q?"}])
-    assert [s.sample_id for s in read_samples(path).samples] == ["one:1"]
+    assert [s.sample_id for s in read_samples(path).samples] == [f"one:{_content_key('imgs/a.jpg', 'Q?')}"]
 
 
 def test_unicode_line_separator_inside_a_string_does_not_split_the_line(root: Path) -> None:
@@ -161,10 +161,27 @@ def test_jsonl_records_in_llava_shape(root: Path) -> None:
 
 def test_jsonl_invalid_json_line_names_the_line(root: Path) -> None:
     good = {"image": "imgs/a.jpg", "question": "Q?"}
-    path = _write_jsonl(root / "data.jsonl", [good, "", '{"image": "imgs/a.jpg" "question": "Q?"}', good])
+    other = {"image": "imgs/a.jpg", "question": "R?"}
+    path = _write_jsonl(root / "data.jsonl", [good, "", '{"image": "imgs/a.jpg" "question": "Q?"}', other])
     report = read_samples(path)
     assert len(report.samples) == 2
     assert report.bad == [f"{path}:3: invalid JSON (Expecting ',' delimiter at column 24)"]
+
+
+def test_a_line_that_is_not_utf8_is_skipped_and_the_rest_read(root: Path) -> None:
+    lines = [json.dumps({"image": "imgs/a.jpg", "question": f"Q{i}?"}).encode() for i in range(3)]
+    lines[1] = lines[1].replace(b"Q1", b"Q\xff")
+    path = root / "data.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    report = read_samples(path)
+    assert [s.question for s in report.samples] == ["Q0?", "Q2?"]
+    assert report.bad == [f"{path}:2: not UTF-8 text"]
+
+
+def test_the_same_image_and_question_twice_is_one_sample(root: Path) -> None:
+    good = {"image": "imgs/a.jpg", "question": "Q?"}
+    report = read_samples(_write_jsonl(root / "d.jsonl", [good, good]))
+    assert len(report.samples) == 1 and "duplicate id" in report.bad[0]
 
 
 @pytest.mark.parametrize(
@@ -265,13 +282,16 @@ def test_nul_byte_in_image_path_is_a_bad_record(root: Path) -> None:
 def test_ids_are_stable_across_reads_and_independent_of_bad_records(root: Path) -> None:
     records = [{"image": "imgs/a.jpg", "question": f"Q{i}?"} for i in range(3)]
     first = [s.sample_id for s in read_samples(_write_jsonl(root / "d.jsonl", records)).samples]
-    assert first == ["d:1", "d:2", "d:3"]
+    assert first == [f"d:{_content_key('imgs/a.jpg', f'Q{i}?')}" for i in range(3)]
     assert [s.sample_id for s in read_samples(root / "d.jsonl").samples] == first
     records[1] = {"question": "no image"}  # a bad record in between must not shift later ids
     assert [s.sample_id for s in read_samples(_write_jsonl(root / "d.jsonl", records)).samples] == [
-        "d:1",
-        "d:3",
+        first[0],
+        first[2],
     ]
+    inserted = [{"image": "imgs/b.jpg", "question": "new?"}, *records]  # nor does a line inserted before them
+    again = [s.sample_id for s in read_samples(_write_jsonl(root / "d.jsonl", inserted)).samples]
+    assert again[1:] == [first[0], first[2]]
 
 
 def test_duplicate_ids_are_bad(root: Path) -> None:

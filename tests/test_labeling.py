@@ -76,7 +76,7 @@ def test_resume_after_interruption_loses_nothing(adapter, image_folder, monkeypa
     for record in done:
         assert torch.equal(record["labels"], expected[record["sample_id"]]["labels"])
         assert record["answer"] == expected[record["sample_id"]]["answer"]
-    assert not list((image_folder / "run").glob(".*"))  # no temporary files left behind
+    assert [p.name for p in (image_folder / "run").glob(".*")] == [".lock"]  # no temporary files left behind
 
 
 def test_other_settings_in_the_same_folder_refuse(adapter, image_folder):
@@ -107,3 +107,37 @@ def test_sink_rules_and_layer_parsing():
     with pytest.raises(SdrpnError, match="sink_rule"):
         LabelSettings(sink_rule="magic")
     assert json.loads(json.dumps(LabelSettings(label_heads={3: [1]}).to_json()))["label_heads"] == {"3": [1]}
+
+
+def test_a_second_writer_is_refused_while_the_first_holds_the_folder(tmp_path):
+    cache = LabelCache(tmp_path / "labels")
+    with cache.lock():
+        with pytest.raises(SdrpnError, match=r"is being written by pid \d+ on .* since"):
+            with LabelCache(tmp_path / "labels").lock():
+                pass
+    with LabelCache(tmp_path / "labels").lock():  # released: the next run takes it
+        pass
+
+
+def test_two_writers_shards_never_collide_and_readers_skip_duplicates(tmp_path):
+    cache = LabelCache(tmp_path)
+    record = {"sample_id": "a", "raw_map": torch.zeros(2, 2)}
+    first, second = (
+        cache.write_shard([record]),
+        LabelCache(tmp_path).write_shard([record, {**record, "sample_id": "b"}]),
+    )
+    assert first != second and len(cache.shards()) == 2
+    assert [r["sample_id"] for r in cache.records()] == ["a", "b"]
+
+
+def test_resuming_with_another_data_file_is_refused_unless_forced(tmp_path):
+    cache = LabelCache(tmp_path)
+    settings = LabelSettings(label_heads={1: None}, sink_rule="none", sink_threshold=1e-3)
+    cache.start("m", settings, data="aaaa")
+    cache.start("m", settings, data="aaaa")  # the same file: resumes
+    with pytest.raises(SdrpnError, match="another data file"):
+        cache.start("m", settings, data="bbbb")
+    cache.start("m", settings, data="bbbb", force=True)
+    assert cache.settings()["data"] == "bbbb"
+    with pytest.raises(SdrpnError, match="other settings or model"):
+        cache.start("other-model", settings, data="bbbb")

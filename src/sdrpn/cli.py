@@ -77,6 +77,7 @@ def _add_model(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--dtype", choices=DTYPES, default=None, help="weights dtype (default float32)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: where it loads)")
+    parser.add_argument("--revision", default=None, help="hub branch, tag or commit to pin the model to")
     parser.add_argument(
         "--min-pixels",
         type=int,
@@ -98,7 +99,12 @@ def _load_adapter(args):
 
     dtype = getattr(torch, args.dtype) if args.dtype else None
     return load_model(
-        args.model, dtype=dtype, device=args.device, min_pixels=args.min_pixels, max_pixels=args.max_pixels
+        args.model,
+        dtype=dtype,
+        device=args.device,
+        revision=args.revision,
+        min_pixels=args.min_pixels,
+        max_pixels=args.max_pixels,
     )
 
 
@@ -130,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     label.add_argument("--bg", type=float, default=0.1)
     label.add_argument("--max-box-frac", type=float, default=0.5)
     label.add_argument("--max-new-tokens", type=positive_int, default=128)
+    label.add_argument(
+        "--force", action="store_true", help="add the samples of another data file to an existing label folder"
+    )
 
     train = commands.add_parser("train", help="train the RPN on a label folder")
     _add_model(train)
@@ -209,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_label(args) -> int:
-    from sdrpn.data import read_samples, shuffled_subset
+    from sdrpn.data import file_fingerprint, read_samples, shuffled_subset
     from sdrpn.labeling import LabelSettings, generate_labels, label_heads_from_text
 
     settings = LabelSettings(
@@ -228,7 +237,14 @@ def cmd_label(args) -> int:
     samples = shuffled_subset(report.samples, args.max_samples, args.seed)
     adapter = _load_adapter(args)
     result = generate_labels(
-        adapter, samples, args.out, settings, batch_size=args.batch_size, shard_size=args.shard_size
+        adapter,
+        samples,
+        args.out,
+        settings,
+        batch_size=args.batch_size,
+        shard_size=args.shard_size,
+        data=file_fingerprint(args.data),
+        force=args.force,
     )
     bad = report.bad + result.bad
     for reason in bad:

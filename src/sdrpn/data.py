@@ -8,6 +8,7 @@ image root, so a data file cannot make us read arbitrary files.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import re
@@ -18,6 +19,7 @@ from pathlib import Path
 from sdrpn.errors import SdrpnError
 
 _IMAGE_PLACEHOLDER = re.compile(r"\s*<image>\s*")
+_NOT_UTF8 = re.compile("[\udc80-\udcff]")  # bytes that did not decode, kept by surrogateescape
 _HUMAN_ROLES = {"human", "user"}
 _GPT_ROLES = {"gpt", "assistant"}
 
@@ -26,7 +28,7 @@ _GPT_ROLES = {"gpt", "assistant"}
 class Sample:
     """One image + question pair; `sample_id` stays the same across runs so results can be joined."""
 
-    sample_id: str  # the record's "id" field if present, else f"{file_stem}:{line_or_index}"
+    sample_id: str  # the record's "id" field if present, else f"{file_stem}:{hash of image path + question}"
     image_path: Path  # resolved absolute path, inside the image root
     question: str  # without the LLaVA "<image>" placeholder and surrounding whitespace
     answer: str | None  # the first gpt turn / "answer" field; kept for reference only
@@ -60,8 +62,10 @@ def read_samples(path: str | Path, image_root: str | Path | None = None, *, stri
     The format is detected from the content: a JSON list of records (LLaVA instruction format, or
     records shaped like the JSONL ones), or JSON Lines with one object per line (blank lines ignored).
     A record holding "conversations" is read LLaVA-style (question = first human turn, answer = first
-    gpt turn), otherwise from its "question"/"answer" fields. Fallback ids use 1-based line numbers for
-    JSONL (as editors show them) and 0-based indices for a JSON list (as jq and Python index).
+    gpt turn), otherwise from its "question"/"answer" fields. A record without an "id" is keyed by a hash of
+    its image path and question (stable when lines move); messages name 1-based line numbers for JSONL (as
+    editors show them) and 0-based indices for a JSON list (as jq and Python index). A JSONL line that is not
+    UTF-8 is skipped with a message; the rest is read.
 
     Raises:
         SdrpnError: the file is missing, unreadable, empty or in neither format, the image root is not
@@ -104,17 +108,23 @@ def shuffled_subset(samples: Iterable[Sample], max_samples: int | None, seed: in
 
 
 def _read_text(path: Path, label: str) -> str:
-    """The whole file as text; a BOM (as some Windows tools write) is dropped."""
+    """The whole file as text; a BOM (as some Windows tools write) is dropped. Bytes that are not UTF-8 are
+    kept as lone surrogates, so JSON Lines can skip just the lines holding them; a JSON list cannot be split
+    and is refused."""
     try:
-        return path.read_text(encoding="utf-8-sig")
+        data = path.read_bytes()
     except FileNotFoundError:
         raise SdrpnError(f"{label}: data file not found") from None
     except IsADirectoryError:
         raise SdrpnError(f"{label}: is a directory, not a data file") from None
-    except UnicodeDecodeError as exc:
-        raise SdrpnError(f"{label}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except OSError as exc:
         raise SdrpnError(f"{label}: cannot read ({exc.strerror or exc})") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        if data.lstrip().startswith(b"["):
+            raise SdrpnError(f"{label}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        return data.decode("utf-8-sig", errors="surrogateescape")
 
 
 def _image_root(root: Path) -> Path:
@@ -153,6 +163,9 @@ def _jsonl_entries(text: str, label: str) -> list[_Entry]:
     for lineno, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
+        if _NOT_UTF8.search(line):
+            entries.append(_Entry(f"{label}:{lineno}", lineno, error="not UTF-8 text"))
+            continue
         try:
             entries.append(_Entry(f"{label}:{lineno}", lineno, json.loads(line)))
         except json.JSONDecodeError as exc:
@@ -179,11 +192,26 @@ def _sample(entry: _Entry, stem: str, root: Path) -> Sample:
     else:
         question, answer = _question(record.get("question")), _answer(record.get("answer"))
     return Sample(
-        sample_id=_sample_id(record, f"{stem}:{entry.key}"),
+        sample_id=_sample_id(record, f"{stem}:{_content_key(image, question)}"),
         image_path=_image_path(image, root),
         question=question,
         answer=answer,
     )
+
+
+def _content_key(image: str, question: str, turn: int = 0) -> str:
+    """A record without an "id" is known by what it asks about: inserting or moving lines keeps every
+    sample's key, so a resumed run neither labels a sample twice nor skips one."""
+    return hashlib.sha256(f"{image}\n{question}\n{turn}".encode("utf-8", "surrogateescape")).hexdigest()[:12]
+
+
+def file_fingerprint(path: str | Path) -> str:
+    """A digest of a data file's bytes: a label folder records it, so resuming with other data is noticed."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
 
 
 def _image_field(record: dict[str, object]) -> str:

@@ -9,8 +9,13 @@ decoding again.
 from __future__ import annotations
 
 import json
+import os
 import re
-from collections.abc import Callable, Iterable
+import secrets
+import socket
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -25,7 +30,13 @@ from sdrpn.images import load_image
 from sdrpn.labels import assign_labels, remove_sinks, remove_sinks_by_attention
 from sdrpn.models.base import FamilyAdapter, LayerHeads
 
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; one writer per folder is then the user's to keep
+    fcntl = None
+
 SETTINGS_NAME = "label_settings.json"
+LOCK_NAME = ".lock"
 SINK_RULES = ("norm", "attention", "none")
 
 
@@ -116,7 +127,10 @@ class LabelReport:
 
 
 class LabelCache:
-    """A folder of `shard-NNNNN.pt` files (lists of records) plus the settings that made them."""
+    """A folder of `shard-NNNNN-<random>.pt` files (lists of records) plus the settings that made them.
+
+    One writer at a time holds the folder's lock; shard names cannot collide, and readers keep the first
+    record of a sample id, so even a folder two runs once wrote into reads without duplicates."""
 
     def __init__(self, directory: str | Path):
         self.directory = Path(directory)
@@ -125,8 +139,12 @@ class LabelCache:
         return sorted(self.directory.glob("shard-*.pt"))
 
     def records(self) -> Iterable[dict]:
+        seen: set[str] = set()
         for shard in self.shards():
-            yield from torch.load(shard, weights_only=True)
+            for record in torch.load(shard, weights_only=True):
+                if record["sample_id"] not in seen:
+                    seen.add(record["sample_id"])
+                    yield record
 
     def done_ids(self) -> set[str]:
         return {record["sample_id"] for record in self.records()}
@@ -137,23 +155,57 @@ class LabelCache:
             raise SdrpnError(f"'{self.directory}' is not a label folder: no {SETTINGS_NAME}")
         return json.loads(path.read_text())
 
-    def start(self, model: str, settings: LabelSettings) -> None:
-        """Create the folder, or check that a resumed run uses the same model and settings."""
+    def start(self, model: str, settings: LabelSettings, data: str | None = None, *, force: bool = False) -> None:
+        """Create the folder, or check that a resumed run uses the same model, settings and data file (`data` is
+        its fingerprint); `force` accepts another data file (e.g. one with lines added)."""
         self.directory.mkdir(parents=True, exist_ok=True)
-        meta = {"model": model, "settings": settings.to_json()}
+        meta = {"model": model, "settings": settings.to_json(), "data": data}
         path = self.directory / SETTINGS_NAME
         if path.is_file():
             existing = json.loads(path.read_text())
-            if existing != meta:
+            if {**existing, "data": None} != {**meta, "data": None}:
                 raise SdrpnError(f"'{self.directory}' holds labels made with other settings or model; use a new --out")
-            return
+            if data is None or existing.get("data") in (None, data):
+                return
+            if not force:
+                raise SdrpnError(
+                    f"'{self.directory}' holds labels of another data file; use a new --out, or --force to add "
+                    "this file's samples (samples already labelled are skipped by their id)"
+                )
         atomic_write_json(path, meta)
 
     def write_shard(self, records: list[dict]) -> Path:
         index = len(self.shards())
-        path = self.directory / f"shard-{index:05d}.pt"
+        path = self.directory / f"shard-{index:05d}-{secrets.token_hex(4)}.pt"
         atomic_write(path, lambda file: torch.save(records, file))
         return path
+
+    @contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the folder for one writer; a second run says who holds it and stops (POSIX file locks)."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        path = self.directory / LOCK_NAME
+        with open(path, "a+") as handle:
+            if fcntl is not None:
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    handle.seek(0)
+                    holder = handle.read().strip() or "another process"
+                    raise SdrpnError(
+                        f"'{self.directory}' is being written by {holder}; wait for it or use another --out"
+                    ) from None
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+            handle.flush()
+            try:
+                yield
+            finally:
+                handle.seek(0)
+                handle.truncate()
+                if fcntl is not None:
+                    fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _record(sample: Sample, index: int, output) -> dict:
@@ -183,50 +235,54 @@ def generate_labels(
     shard_size: int = 256,
     progress: bool = True,
     open_image: Callable = load_image,
+    data: str | None = None,
+    force: bool = False,
 ) -> LabelReport:
     """Label `samples` into `out_dir`; resumable, and bad samples are counted, not fatal.
 
-    `open_image(sample.image_path)` gives the RGB image; replace it for images that are not files."""
+    `open_image(sample.image_path)` gives the RGB image; replace it for images that are not files. `data` is
+    the data file's fingerprint: a resume with another file is refused unless `force`."""
     settings = (settings or LabelSettings()).resolved(adapter)
     cache = LabelCache(out_dir)
-    cache.start(adapter.name_or_path, settings)
-    done = cache.done_ids()
-    report = LabelReport(skipped_done=sum(s.sample_id in done for s in samples))
-    todo = [s for s in samples if s.sample_id not in done]
-    pending: list[dict] = []
-    bar = tqdm(total=len(todo), desc="labels", unit="sample", disable=not progress)
-    for start in range(0, len(todo), batch_size):
-        chunk, images = [], []
-        for sample in todo[start : start + batch_size]:
-            try:
-                images.append(open_image(sample.image_path))
-                chunk.append(sample)
-            except SdrpnError as error:
-                report.bad.append(f"{sample.sample_id}: {error}")
-        if chunk:
-            batch = adapter.prepare(images, [[s.question] for s in chunk], training=True)
-            output = teacher_attention(
-                adapter,
-                batch,
-                settings.label_heads,
-                max_new_tokens=settings.max_new_tokens,
-                norm_layer=settings.norm_layer if settings.sink_rule == "norm" else None,
-                sink_heads=settings.sink_heads if settings.sink_rule == "attention" else None,
-            )
-            for index, sample in enumerate(chunk):
-                record = _record(sample, index, output)
-                labels = make_labels(record["raw_map"], record["norms"], record["sink_map"], settings)
-                record["labels"] = labels.to(torch.int8)
-                pending.append(record)
-                report.dropped += bool((labels == -1).all())
-            report.labelled += len(chunk)
-        if len(pending) >= shard_size:
+    with cache.lock():
+        cache.start(adapter.name_or_path, settings, data, force=force)
+        done = cache.done_ids()
+        report = LabelReport(skipped_done=sum(s.sample_id in done for s in samples))
+        todo = [s for s in samples if s.sample_id not in done]
+        pending: list[dict] = []
+        bar = tqdm(total=len(todo), desc="labels", unit="sample", disable=not progress)
+        for start in range(0, len(todo), batch_size):
+            chunk, images = [], []
+            for sample in todo[start : start + batch_size]:
+                try:
+                    images.append(open_image(sample.image_path))
+                    chunk.append(sample)
+                except SdrpnError as error:
+                    report.bad.append(f"{sample.sample_id}: {error}")
+            if chunk:
+                batch = adapter.prepare(images, [[s.question] for s in chunk], training=True)
+                output = teacher_attention(
+                    adapter,
+                    batch,
+                    settings.label_heads,
+                    max_new_tokens=settings.max_new_tokens,
+                    norm_layer=settings.norm_layer if settings.sink_rule == "norm" else None,
+                    sink_heads=settings.sink_heads if settings.sink_rule == "attention" else None,
+                )
+                for index, sample in enumerate(chunk):
+                    record = _record(sample, index, output)
+                    labels = make_labels(record["raw_map"], record["norms"], record["sink_map"], settings)
+                    record["labels"] = labels.to(torch.int8)
+                    pending.append(record)
+                    report.dropped += bool((labels == -1).all())
+                report.labelled += len(chunk)
+            if len(pending) >= shard_size:
+                cache.write_shard(pending)
+                pending = []
+            bar.update(len(todo[start : start + batch_size]))
+        if pending:
             cache.write_shard(pending)
-            pending = []
-        bar.update(len(todo[start : start + batch_size]))
-    if pending:
-        cache.write_shard(pending)
-    bar.close()
+        bar.close()
     return report
 
 

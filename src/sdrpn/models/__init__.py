@@ -28,7 +28,7 @@ register_adapter(LlavaAdapter)
 register_adapter(Qwen2_5_VLAdapter)
 
 
-def _model_type(name_or_path: str) -> str:
+def _model_type(name_or_path: str, revision: str | None = None) -> str:
     from transformers import AutoConfig
 
     path = Path(name_or_path)
@@ -39,7 +39,7 @@ def _model_type(name_or_path: str) -> str:
     if not path.exists() and _looks_local(name_or_path):
         raise SdrpnError(f"model folder '{name_or_path}' does not exist")
     try:
-        return AutoConfig.from_pretrained(name_or_path).model_type
+        return AutoConfig.from_pretrained(name_or_path, revision=revision).model_type
     except (OSError, ValueError) as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise SdrpnError(f"cannot read model '{name_or_path}': {reason}") from None
@@ -51,16 +51,21 @@ def _looks_local(name: str) -> bool:
 
 
 def load_model(
-    name_or_path: str, *, dtype: torch.dtype | None = None, device: str | None = None, **options
+    name_or_path: str,
+    *,
+    dtype: torch.dtype | None = None,
+    device: str | None = None,
+    revision: str | None = None,
+    **options,
 ) -> FamilyAdapter:
     """Load a supported MLLM (hub name, local directory, or a shipped name such as 'toy') behind its family
     adapter. `options` are family settings (Qwen2.5-VL: min_pixels, max_pixels); None means the default."""
     name_or_path = resolve(str(name_or_path), "mllm")
-    model_type = _model_type(name_or_path)
+    model_type = _model_type(name_or_path, revision)
     if model_type not in ADAPTERS:
         supported = ", ".join(sorted(ADAPTERS))
         raise SdrpnError(f"model '{name_or_path}' is of type {model_type!r}; supported families: {supported}")
-    return ADAPTERS[model_type].from_pretrained(name_or_path, dtype=dtype, device=device, **options)
+    return ADAPTERS[model_type].from_pretrained(name_or_path, dtype=dtype, device=device, revision=revision, **options)
 
 
 def wrap_model(model, processor, name_or_path: str = "in-memory", **options) -> FamilyAdapter:

@@ -167,10 +167,16 @@ class FamilyAdapter(ABC):
     @classmethod
     @abstractmethod
     def from_pretrained(
-        cls, name_or_path: str, *, dtype: torch.dtype | None = None, device: str | None = None, **options
+        cls,
+        name_or_path: str,
+        *,
+        dtype: torch.dtype | None = None,
+        device: str | None = None,
+        revision: str | None = None,
+        **options,
     ):
-        """Load model + processor from a hub name or a local directory; `options` are family settings
-        (e.g. min_pixels / max_pixels), and a family refuses options it does not have."""
+        """Load model + processor from a hub name (at `revision`, a branch, tag or commit) or a local directory;
+        `options` are family settings (e.g. min_pixels / max_pixels), and a family refuses options it lacks."""
 
     # --- defaults ------------------------------------------------------------------------------
     @classmethod

@@ -66,14 +66,22 @@ class LlavaAdapter(StockLayoutAdapter):
 
     @classmethod
     def from_pretrained(
-        cls, name_or_path: str, *, dtype: torch.dtype | None = None, device: str | None = None, **options
+        cls,
+        name_or_path: str,
+        *,
+        dtype: torch.dtype | None = None,
+        device: str | None = None,
+        revision: str | None = None,
+        **options,
     ):
         cls._refuse_options(options)
-        config = AutoConfig.from_pretrained(name_or_path)
+        config = AutoConfig.from_pretrained(name_or_path, revision=revision)
         if config.model_type not in cls.model_types:
             raise SdrpnError(f"model '{name_or_path}' is a {config.model_type!r} model, not LLaVA")
-        model = LlavaForConditionalGeneration.from_pretrained(name_or_path, dtype=dtype or torch.float32)
-        processor = LlavaProcessor.from_pretrained(name_or_path)
+        model = LlavaForConditionalGeneration.from_pretrained(
+            name_or_path, dtype=dtype or torch.float32, revision=revision
+        )
+        processor = LlavaProcessor.from_pretrained(name_or_path, revision=revision)
         if device:
             model.to(device)
         model.eval()

@@ -56,12 +56,12 @@ class ImageOnlyQwenProcessor(Qwen2_5_VLProcessor):
     def from_pretrained(cls, path, **kwargs):
         """Tokenizer + the PIL image processor from a checkpoint folder (or hub name), offline-safe."""
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
-        settings = _image_processor_settings(path)
+        settings = _image_processor_settings(path, kwargs.get("revision"))
         image_processor = Qwen2VLImageProcessorPil(**settings)
         return cls(image_processor=image_processor, tokenizer=tokenizer, chat_template=tokenizer.chat_template)
 
 
-def _image_processor_settings(path) -> dict:
+def _image_processor_settings(path, revision: str | None = None) -> dict:
     """The image processor's saved settings (`preprocessor_config.json`, or the processor's own file)."""
     from transformers.utils import cached_file
 
@@ -69,7 +69,7 @@ def _image_processor_settings(path) -> dict:
         file = (
             Path(path) / name
             if Path(path).is_dir()
-            else cached_file(path, name, _raise_exceptions_for_missing_entries=False)
+            else cached_file(path, name, revision=revision, _raise_exceptions_for_missing_entries=False)
         )
         if file and Path(file).is_file():
             data = json.loads(Path(file).read_text())
@@ -161,15 +161,18 @@ class Qwen2_5_VLAdapter(StockLayoutAdapter):
         *,
         dtype: torch.dtype | None = None,
         device: str | None = None,
+        revision: str | None = None,
         min_pixels: int | None = None,
         max_pixels: int | None = None,
         label_pixels: int | None = None,
     ):
-        config = AutoConfig.from_pretrained(name_or_path)
+        config = AutoConfig.from_pretrained(name_or_path, revision=revision)
         if config.model_type not in cls.model_types:
             raise SdrpnError(f"model '{name_or_path}' is a {config.model_type!r} model, not Qwen2.5-VL")
-        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(name_or_path, dtype=dtype or torch.float32)
-        processor = ImageOnlyQwenProcessor.from_pretrained(name_or_path)
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+            name_or_path, dtype=dtype or torch.float32, revision=revision
+        )
+        processor = ImageOnlyQwenProcessor.from_pretrained(name_or_path, revision=revision)
         if device:
             model.to(device)
         model.eval()

@@ -58,7 +58,6 @@ import argparse
 import json
 import math
 import random
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -787,6 +786,13 @@ def reevaluate(out: Path, threads: int) -> dict:
     return meta
 
 
+def _remove_own_work(work: Path) -> None:
+    """Delete the resumable checkpoint this recipe wrote, and its folder only if nothing else is in it."""
+    (work / "checkpoint.pt").unlink(missing_ok=True)
+    if work.is_dir() and not any(work.iterdir()):
+        work.rmdir()
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
@@ -810,7 +816,7 @@ def main(argv=None) -> None:
         logf.flush()
 
     meta = train(args, out, log)
-    shutil.rmtree(out / "work", ignore_errors=True)
+    _remove_own_work(out / "work")
     log(f"saved to {out} ({meta['train_seconds']}s of training)")
 
 
