@@ -362,7 +362,7 @@ def test_binary_file(root: Path) -> None:
 def test_empty_json_list_gives_no_samples(root: Path) -> None:
     path = root / "d.json"
     path.write_text("[]")
-    assert read_samples(path) == ReadReport([], [])
+    assert read_samples(path) == ReadReport([], [], root.resolve())
 
 
 # --- shuffled_subset -----------------------------------------------------------------------------------

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -122,3 +124,12 @@ def test_resume_with_other_settings_is_refused(adapter, image_folder, tmp_path):
     other = TrainSettings(frozen_layers=2, rpn_layers=3, batch_size=3, epochs=1, save_every=2)
     with pytest.raises(SdrpnError, match="other settings or data"):
         train_rpn(adapter, labels, tmp_path / "rpn", other, progress=False, resume=True, max_steps=2)
+
+
+def test_training_opens_only_images_inside_the_recorded_root(adapter, image_folder, tmp_path):
+    labels = _planted_labels(adapter, image_folder, tmp_path / "labels")
+    meta = json.loads((labels / "label_settings.json").read_text())
+    (labels / "label_settings.json").write_text(json.dumps({**meta, "image_root": str(tmp_path / "elsewhere")}))
+    settings = TrainSettings(frozen_layers=2, rpn_layers=3, batch_size=2, epochs=1)
+    with pytest.raises(SdrpnError, match="outside the image root"):
+        train_rpn(adapter, labels, tmp_path / "rpn", settings, progress=False)

@@ -245,6 +245,7 @@ def cmd_label(args) -> int:
         shard_size=args.shard_size,
         data=file_fingerprint(args.data),
         force=args.force,
+        image_root=report.root,
     )
     bad = report.bad + result.bad
     for reason in bad:

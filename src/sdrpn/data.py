@@ -40,6 +40,7 @@ class ReadReport:
 
     samples: list[Sample] = field(default_factory=list)
     bad: list[str] = field(default_factory=list)
+    root: Path | None = None  # the resolved folder every image path lies in
 
 
 @dataclass(frozen=True)
@@ -75,7 +76,7 @@ def read_samples(path: str | Path, image_root: str | Path | None = None, *, stri
     label = _one_line(str(path))
     text = _read_text(path, label)
     root = _image_root(path.parent if image_root is None else Path(image_root))
-    report = ReadReport()
+    report = ReadReport(root=root)
     seen_ids: dict[str, str] = {}
     for entry in _entries(text, label):
         try:

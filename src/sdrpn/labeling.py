@@ -155,11 +155,22 @@ class LabelCache:
             raise SdrpnError(f"'{self.directory}' is not a label folder: no {SETTINGS_NAME}")
         return json.loads(path.read_text())
 
-    def start(self, model: str, settings: LabelSettings, data: str | None = None, *, force: bool = False) -> None:
+    def start(
+        self,
+        model: str,
+        settings: LabelSettings,
+        data: str | None = None,
+        *,
+        force: bool = False,
+        image_root: str | Path | None = None,
+    ) -> None:
         """Create the folder, or check that a resumed run uses the same model, settings and data file (`data` is
-        its fingerprint); `force` accepts another data file (e.g. one with lines added)."""
+        its fingerprint); `force` accepts another data file (e.g. one with lines added). `image_root` is recorded
+        so that training opens only images inside it."""
         self.directory.mkdir(parents=True, exist_ok=True)
         meta = {"model": model, "settings": settings.to_json(), "data": data}
+        if image_root is not None:
+            meta["image_root"] = str(image_root)
         path = self.directory / SETTINGS_NAME
         if path.is_file():
             existing = json.loads(path.read_text())
@@ -237,6 +248,7 @@ def generate_labels(
     open_image: Callable = load_image,
     data: str | None = None,
     force: bool = False,
+    image_root: str | Path | None = None,
 ) -> LabelReport:
     """Label `samples` into `out_dir`; resumable, and bad samples are counted, not fatal.
 
@@ -245,7 +257,7 @@ def generate_labels(
     settings = (settings or LabelSettings()).resolved(adapter)
     cache = LabelCache(out_dir)
     with cache.lock():
-        cache.start(adapter.name_or_path, settings, data, force=force)
+        cache.start(adapter.name_or_path, settings, data, force=force, image_root=image_root)
         done = cache.done_ids()
         report = LabelReport(skipped_done=sum(s.sample_id in done for s in samples))
         todo = [s for s in samples if s.sample_id not in done]

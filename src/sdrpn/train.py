@@ -109,6 +109,14 @@ def load_records(label_dir: str | Path, max_samples: int | None, seed: int) -> t
     records = sorted(cache.records(), key=lambda r: r["sample_id"])
     if not records:
         raise SdrpnError(f"label folder '{label_dir}' holds no labelled samples")
+    if meta.get("image_root"):  # shards are files a user may be handed: their paths are checked again
+        root = Path(meta["image_root"])
+        for record in records:
+            if not Path(record["image"]).resolve().is_relative_to(root):
+                raise SdrpnError(
+                    f"label folder '{label_dir}': sample {record['sample_id']!r} names image {record['image']!r}, "
+                    f"outside the image root '{root}' it was labelled from"
+                )
     random.Random(seed).shuffle(records)
     if max_samples is not None:
         records = records[:max_samples]
