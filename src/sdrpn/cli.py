@@ -300,6 +300,8 @@ def cmd_ask(args) -> int:
         max_new_tokens=args.max_new_tokens,
     )
     result = zoom.ask(image, args.question)
+    for warning in result.warnings:
+        print(f"sdrpn ask: warning: {warning}", file=sys.stderr)
     if args.save_overlay:
         save_overlay(
             args.save_overlay, image, result.roi_map, result.geometry, result.boxes, show_crops=args.overlay_crops
