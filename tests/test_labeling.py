@@ -141,3 +141,15 @@ def test_resuming_with_another_data_file_is_refused_unless_forced(tmp_path):
     assert cache.settings()["data"] == "bbbb"
     with pytest.raises(SdrpnError, match="other settings or model"):
         cache.start("other-model", settings, data="bbbb")
+
+
+def test_temporaries_left_by_a_killed_run_are_cleaned(adapter, image_folder):
+    out = image_folder / "labels"
+    out.mkdir()
+    stale = out / ".shard-00000-1a2b3c4d.pt.0badf00d"
+    stale.write_bytes(b"half a shard")
+    keep = out / "notes.txt"
+    keep.write_text("mine")
+    samples = read_samples(image_folder / "data.jsonl").samples[:2]
+    generate_labels(adapter, samples, out, SETTINGS, batch_size=2, progress=False)
+    assert not stale.exists() and keep.read_text() == "mine"

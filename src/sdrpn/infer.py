@@ -131,14 +131,15 @@ class Zoom:
         """Post-process each map on its own grid into regions and original-image boxes."""
         predictions = []
         for probability, geometry in zip(maps, batch.geometries):
-            probability = np.where(image_cells(geometry), probability, 0.0)
+            on_image = image_cells(geometry)  # never a region on pad-to-square padding
+            probability = np.where(on_image, probability, 0.0)
             if METHODS[method].one_window:
                 box = best_window(probability)
                 mask = np.zeros_like(probability, dtype=bool)
                 mask[box[0] : box[2], box[1] : box[3]] = True
-                regions = RoiRegions(probability=probability, mask=mask, boxes=[box])
+                regions = RoiRegions(probability=probability, mask=mask & on_image, boxes=[box])
             else:
-                regions = find_regions(probability, self.settings.roi)
+                regions = find_regions(probability, self.settings.roi, allowed=on_image)
             windowed = self.settings.roi.window > 0 and not METHODS[method].one_window
             if windowed:
                 boxes = windows_px(regions, geometry, self.settings.roi.window)

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from sdrpn.attention import teacher_attention
 from sdrpn.data import Sample
 from sdrpn.errors import SdrpnError
-from sdrpn.files import atomic_write, atomic_write_json
+from sdrpn.files import atomic_write, atomic_write_json, clean_stale_temporaries
 from sdrpn.images import load_image
 from sdrpn.labels import assign_labels, remove_sinks, remove_sinks_by_attention
 from sdrpn.models.base import FamilyAdapter, LayerHeads
@@ -257,6 +257,7 @@ def generate_labels(
     settings = (settings or LabelSettings()).resolved(adapter)
     cache = LabelCache(out_dir)
     with cache.lock():
+        clean_stale_temporaries(cache.directory, ["shard-*.pt", SETTINGS_NAME], min_age=0)  # left by a kill
         cache.start(adapter.name_or_path, settings, data, force=force, image_root=image_root)
         done = cache.done_ids()
         report = LabelReport(skipped_done=sum(s.sample_id in done for s in samples))

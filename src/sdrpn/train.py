@@ -27,11 +27,11 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from sdrpn.errors import SdrpnError
-from sdrpn.files import atomic_write
+from sdrpn.files import atomic_write, clean_stale_temporaries
 from sdrpn.images import load_image
 from sdrpn.labeling import LabelCache, LabelSettings, make_labels
 from sdrpn.models.base import FamilyAdapter
-from sdrpn.rpn import RegionProposalNetwork, RpnConfig, check_base
+from sdrpn.rpn import CONFIG_NAME, WEIGHTS_NAME, RegionProposalNetwork, RpnConfig, check_base
 
 TARGETS = ("labels", "labels-no-sinks", "raw-mse")
 STATE_NAME = "resume.pt"
@@ -141,6 +141,7 @@ def train_rpn(
     records, label_settings, _ = load_records(label_dir, settings.max_samples, settings.seed)
     out_dir = Path(out_dir)
     state_path = out_dir / STATE_NAME
+    clean_stale_temporaries(out_dir, [STATE_NAME, WEIGHTS_NAME, CONFIG_NAME])  # older than a minute: left by a kill
     state = _read_state(state_path) if resume and state_path.is_file() else None
     defaults = adapter.defaults()
     frozen = settings.frozen_layers or defaults.frozen_layers
