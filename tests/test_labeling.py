@@ -153,3 +153,36 @@ def test_temporaries_left_by_a_killed_run_are_cleaned(adapter, image_folder):
     samples = read_samples(image_folder / "data.jsonl").samples[:2]
     generate_labels(adapter, samples, out, SETTINGS, batch_size=2, progress=False)
     assert not stale.exists() and keep.read_text() == "mine"
+
+
+def test_a_kill_at_any_write_loses_nothing_and_duplicates_nothing(adapter, image_folder, monkeypatch):
+    """Die inside each shard write in turn (the file half-written), resume, and compare with an unbroken run."""
+    from sdrpn import files
+
+    samples = read_samples(image_folder / "data.jsonl").samples[:6]
+    generate_labels(adapter, samples, image_folder / "reference", SETTINGS, batch_size=2, shard_size=2, progress=False)
+    expected = {r["sample_id"]: r["answer"] for r in LabelCache(image_folder / "reference").records()}
+    original = files.atomic_write
+    for kill_at in (1, 2, 3):
+        out = image_folder / f"run{kill_at}"
+        calls = {"n": 0}
+
+        def dying_write(path, write, kill_at=kill_at, calls=calls):
+            calls["n"] += 1
+            if calls["n"] == kill_at:  # the kill_at-th shard dies half-written
+
+                def half(file):
+                    file.write(b"PK\x03\x04 half")
+                    raise KeyboardInterrupt
+
+                return original(path, half)
+            return original(path, write)
+
+        monkeypatch.setattr("sdrpn.labeling.atomic_write", dying_write)
+        with pytest.raises(KeyboardInterrupt):
+            generate_labels(adapter, samples, out, SETTINGS, batch_size=2, shard_size=2, progress=False)
+        monkeypatch.setattr("sdrpn.labeling.atomic_write", original)
+        generate_labels(adapter, samples, out, SETTINGS, batch_size=2, shard_size=2, progress=False)
+        got = [r["sample_id"] for r in LabelCache(out).records()]
+        assert sorted(got) == sorted(expected) and len(got) == len(set(got))
+        assert {r["sample_id"]: r["answer"] for r in LabelCache(out).records()} == expected

@@ -133,3 +133,33 @@ def test_training_opens_only_images_inside_the_recorded_root(adapter, image_fold
     settings = TrainSettings(frozen_layers=2, rpn_layers=3, batch_size=2, epochs=1)
     with pytest.raises(SdrpnError, match="outside the image root"):
         train_rpn(adapter, labels, tmp_path / "rpn", settings, progress=False)
+
+
+def test_a_kill_while_writing_the_checkpoint_keeps_the_previous_one(adapter, image_folder, tmp_path, monkeypatch):
+    from sdrpn import train
+
+    labels = _planted_labels(adapter, image_folder, tmp_path / "labels")
+    settings = TrainSettings(frozen_layers=2, rpn_layers=3, batch_size=2, epochs=1, learning_rate=1e-3, save_every=2)
+    full = train_rpn(adapter, labels, tmp_path / "full", settings, progress=False)
+    original = train.atomic_write
+    calls = {"n": 0}
+
+    def dying_write(path, write):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second checkpoint (batch 4) dies half-written
+
+            def half(file):
+                file.write(b"PK\x03\x04 half")
+                raise KeyboardInterrupt
+
+            return original(path, half)
+        return original(path, write)
+
+    monkeypatch.setattr(train, "atomic_write", dying_write)
+    with pytest.raises(KeyboardInterrupt):
+        train_rpn(adapter, labels, tmp_path / "split", settings, progress=False)
+    monkeypatch.setattr(train, "atomic_write", original)
+    assert torch.load(tmp_path / "split" / "resume.pt", weights_only=True)["batch"] == 2
+    resumed = train_rpn(adapter, labels, tmp_path / "split", settings, progress=False, resume=True)
+    for (name, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=name)
