@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from sdrpn.attention import prompt_attention, teacher_attention
@@ -10,8 +11,10 @@ from tests.conftest import QUESTIONS, extended_inputs, random_images
 LAYERS = {2: None, 3: [0, 2]}
 
 
-def _eager_reference(adapter, image, question, generated, layers, norm_layer):
-    """The same quantity from full eager attention maps on [prompt + response]."""
+def _eager_reference(adapter, image, question, generated, layers, norm_layer, queries, weighting):
+    """The same quantity from full eager attention maps on [prompt + response], written the released code's way:
+    the rows of the generated tokens fed back (for "prompt+answer" also the last prompt token's), each listed head
+    weighing the same (or, for "layer", each layer)."""
     single = adapter.prepare([image], [[question]])
     prompt_length = single.inputs["input_ids"].shape[1]
     model = adapter.model
@@ -23,26 +26,34 @@ def _eager_reference(adapter, image, question, generated, layers, norm_layer):
     finally:
         model.set_attn_implementation("sdpa")
     visual = single.visual_positions[0]
-    steps = len(generated)
-    maps = []
+    first = prompt_length if queries == "answer" else prompt_length - 1
+    last = prompt_length - 1 + len(generated)  # the row that predicts the last generated token (EOS)
+    per_head, per_layer = [], []
     for layer, heads in layers.items():
         attention = out.attentions[layer][0]  # (H, T, S)
         attention = attention[heads] if heads else attention
-        maps.append(attention.mean(0)[prompt_length - 1 : prompt_length - 1 + steps][:, visual].mean(0))
+        rows = attention[:, first:last][:, :, visual].mean(1)  # (heads, N): mean over the query rows
+        per_head.append(rows)
+        per_layer.append(rows.mean(0))
+    mean = torch.cat(per_head).mean(0) if weighting == "head" else torch.stack(per_layer).mean(0)
     norms = out.hidden_states[norm_layer][0, visual].norm(dim=-1)
-    return torch.stack(maps).mean(0).view(*single.grids[0]), norms.view(*single.grids[0])
+    return mean.view(*single.grids[0]), norms.view(*single.grids[0])
 
 
-def test_teacher_capture_equals_eager_attention(adapter):
+@pytest.mark.parametrize("queries, weighting", [("answer", "head"), ("prompt+answer", "layer")])
+def test_teacher_capture_equals_eager_attention(adapter, queries, weighting):
     images = random_images(2, seed=5)
     batch = adapter.prepare(images, [[QUESTIONS[0]], [QUESTIONS[2]]])  # different lengths: left padding
-    output = teacher_attention(adapter, batch, LAYERS, max_new_tokens=5, norm_layer=2)
+    output = teacher_attention(
+        adapter, batch, LAYERS, max_new_tokens=5, norm_layer=2, queries=queries, head_weighting=weighting
+    )
     assert [tuple(m.shape) for m in output.roi_maps] == batch.grids
     for index, question in enumerate([QUESTIONS[0], QUESTIONS[2]]):
         steps = int(output.response_lengths[index])
+        assert steps >= 2, "an answer of one token would leave the released queries empty"
         generated = output.token_ids[index, :steps]
-        reference, norms = _eager_reference(adapter, images[index], question, generated, LAYERS, 2)
-        torch.testing.assert_close(output.roi_maps[index], reference, atol=1e-5, rtol=0)
+        reference, norms = _eager_reference(adapter, images[index], question, generated, LAYERS, 2, queries, weighting)
+        torch.testing.assert_close(output.roi_maps[index], reference, atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(output.norms[index], norms, atol=1e-5, rtol=1e-5)
 
 

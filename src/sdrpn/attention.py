@@ -117,10 +117,33 @@ def response_lengths(token_ids: torch.Tensor, eos_ids: list[int]) -> torch.Tenso
     return first.long()
 
 
-def _mean_over_steps(recorders: list[RowRecorder], lengths: torch.Tensor) -> torch.Tensor:
-    rows = torch.stack([r.stacked() for r in recorders]).mean(0)  # (B, steps, N_v), mean over layers
+QUERIES = ("answer", "prompt+answer")
+HEAD_WEIGHTINGS = ("head", "layer")
+
+
+def _mean_over_steps(
+    recorders: list[RowRecorder], lengths: torch.Tensor, num_heads: int, queries: str, weighting: str
+) -> torch.Tensor:
+    """Average the recorded rows over layers/heads and over the query steps.
+
+    Step 0 is the prefill row (the last prompt token, which predicts the first answer token); step i >= 1 is the
+    row of the i-th generated token fed back. `queries="answer"` (the released code) keeps only the generated
+    tokens, and EOS, never fed back, is never a query; "prompt+answer" also keeps the prefill row. `weighting=
+    "head"` gives every listed (layer, head) equal weight (released), "layer" every layer."""
+
+    def weight(recorder: RowRecorder) -> int:
+        if weighting == "layer":
+            return 1
+        return num_heads if recorder.heads is None else len(recorder.heads)
+
+    weights = torch.tensor([weight(r) for r in recorders], dtype=torch.float32)
+    stacked = torch.stack([r.stacked() for r in recorders])  # (layers, B, steps, N)
+    rows = (stacked * weights.to(stacked.device)[:, None, None, None]).sum(0) / weights.sum()
     steps = torch.arange(rows.shape[1], device=rows.device)[None, :]
-    active = (steps < lengths.to(rows.device)[:, None]).float()
+    active = steps < lengths.to(rows.device)[:, None]
+    if queries == "answer":
+        active &= steps >= 1
+    active = active.float()
     return (rows * active[..., None]).sum(1) / active.sum(1).clamp(min=1)[:, None]
 
 
@@ -133,6 +156,8 @@ def teacher_attention(
     max_new_tokens: int = 128,
     norm_layer: int | None = None,
     sink_heads: LayerHeads | None = None,
+    queries: str = "answer",
+    head_weighting: str = "head",
 ) -> TeacherOutput:
     """Greedy-decode the model's own answer and average its response-to-image attention (paper 3.1)."""
     layers = dict(label_heads)
@@ -147,8 +172,13 @@ def teacher_attention(
             norms = stack.enter_context(capture_hidden_norms(adapter, norm_layer, batch.visual_positions))
         token_ids = adapter.generate(batch, max_new_tokens=max_new_tokens)
     lengths = response_lengths(token_ids, adapter.eos_token_ids)
-    roi = _mean_over_steps([recorders[layer] for layer in label_heads], lengths)
-    sinks = _mean_over_steps([recorders[layer] for layer in sink_heads], lengths) if sink_heads else None
+    if queries not in QUERIES or head_weighting not in HEAD_WEIGHTINGS:
+        raise ValueError(f"queries must be one of {QUERIES} and head_weighting one of {HEAD_WEIGHTINGS}")
+    heads = adapter.attention_shape.num_heads
+    roi = _mean_over_steps([recorders[layer] for layer in label_heads], lengths, heads, queries, head_weighting)
+    sinks = None
+    if sink_heads:
+        sinks = _mean_over_steps([recorders[layer] for layer in sink_heads], lengths, heads, queries, head_weighting)
     return TeacherOutput(
         answers=adapter.decode(token_ids),
         token_ids=token_ids,

@@ -120,12 +120,17 @@ class Zoom:
         """Each sample's (H_i, W_i) map in [0, 1] for the method, or None for one that never looks closer."""
         return METHODS[method].maps(self, batch)
 
-    def teacher_heads(self) -> LayerHeads:
-        """The heads the RPN was distilled from (its label settings), else the model's default label heads:
+    def teacher_settings(self) -> LabelSettings:
+        """The label settings the RPN was distilled from (heads, queries, weighting), else the model's defaults:
         raw attention is then exactly the map the RPN learnt to predict."""
         recorded = self.rpn.config.label_settings if self.rpn is not None else None
-        heads = LabelSettings(**recorded).label_heads if recorded else None
-        return heads if isinstance(heads, dict) and heads else self.adapter.defaults().label_heads
+        settings = LabelSettings(**recorded) if recorded else LabelSettings()
+        if not (isinstance(settings.label_heads, dict) and settings.label_heads):
+            settings = replace(settings, label_heads=None)
+        return settings.resolved(self.adapter)
+
+    def teacher_heads(self) -> LayerHeads:
+        return self.teacher_settings().label_heads
 
     def regions(self, maps: list[np.ndarray], batch: PromptBatch, method: str) -> list[RoiPrediction]:
         """Post-process each map on its own grid into regions and original-image boxes."""
@@ -299,7 +304,15 @@ def _rpn_maps(zoom: Zoom, batch: PromptBatch) -> list[np.ndarray]:
 
 def _raw_attention_maps(zoom: Zoom, batch: PromptBatch) -> list[np.ndarray]:
     """The paper's ablation 1: the model decodes once and its answer-to-image attention is the map."""
-    output = teacher_attention(zoom.adapter, batch, zoom.teacher_heads(), max_new_tokens=zoom.settings.max_new_tokens)
+    settings = zoom.teacher_settings()
+    output = teacher_attention(
+        zoom.adapter,
+        batch,
+        settings.label_heads,
+        max_new_tokens=zoom.settings.max_new_tokens,
+        queries=settings.queries,
+        head_weighting=settings.head_weighting,
+    )
     return [_max_normalised(m) for m in output.roi_maps]
 
 

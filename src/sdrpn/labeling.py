@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from sdrpn.attention import teacher_attention
+from sdrpn.attention import HEAD_WEIGHTINGS, QUERIES, teacher_attention
 from sdrpn.data import Sample
 from sdrpn.errors import SdrpnError
 from sdrpn.files import atomic_write, atomic_write_json, clean_stale_temporaries
@@ -55,10 +55,16 @@ class LabelSettings:
     bg: float = 0.1
     max_box_frac: float = 0.5
     max_new_tokens: int = 128
+    queries: str | None = None  # "answer" (the generated tokens, released) or "prompt+answer" (+ the prefill row)
+    head_weighting: str | None = None  # "head" (every listed head alike, released) or "layer" (mean of layer means)
 
     def __post_init__(self) -> None:
         if self.sink_rule is not None and self.sink_rule not in SINK_RULES:
             raise SdrpnError(f"sink_rule must be one of {SINK_RULES}, got {self.sink_rule!r}")
+        if self.queries is not None and self.queries not in QUERIES:
+            raise SdrpnError(f"queries must be one of {QUERIES}, got {self.queries!r}")
+        if self.head_weighting is not None and self.head_weighting not in HEAD_WEIGHTINGS:
+            raise SdrpnError(f"head_weighting must be one of {HEAD_WEIGHTINGS}, got {self.head_weighting!r}")
         if not isinstance(self.label_heads, str):
             self.label_heads = _int_keys(self.label_heads)
         self.sink_heads = _int_keys(self.sink_heads)
@@ -93,6 +99,8 @@ class LabelSettings:
                 "sink_heads": sink_heads if sink_rule == "attention" else None,
                 "sink_threshold": threshold,
                 "norm_layer": norm_layer,
+                "queries": self.queries or defaults.label_queries,
+                "head_weighting": self.head_weighting or defaults.head_weighting,
             }
         )
 
@@ -281,6 +289,8 @@ def generate_labels(
                     max_new_tokens=settings.max_new_tokens,
                     norm_layer=settings.norm_layer if settings.sink_rule == "norm" else None,
                     sink_heads=settings.sink_heads if settings.sink_rule == "attention" else None,
+                    queries=settings.queries,
+                    head_weighting=settings.head_weighting,
                 )
                 for index, sample in enumerate(chunk):
                     record = _record(sample, index, output)

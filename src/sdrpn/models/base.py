@@ -122,6 +122,8 @@ class FamilyDefaults:
     sink_rule: str = "norm"
     sink_heads: LayerHeads | None = None
     sink_threshold: float = 1e-3
+    label_queries: str = "answer"  # the generated tokens only (released); "prompt+answer" adds the prefill row
+    head_weighting: str = "head"  # every listed (layer, head) weighs the same (released); "layer": per layer
     roi: RoiSettings = field(default_factory=RoiSettings)
     label_head_sets: dict[str, LayerHeads] = field(default_factory=dict)
     sink_head_sets: dict[str, LayerHeads | None] = field(default_factory=dict)

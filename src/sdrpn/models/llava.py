@@ -35,12 +35,15 @@ def _signature(layers: int, hidden: int, heads: int) -> dict:
     return {"model_type": "llava", "text": [layers, hidden, heads, heads], "vision": [336, 14]}
 
 
-# The paper's settings (released code): label heads, sink heads of the attention rule, B = 15, R = 3.
+# The paper's settings (released code): label heads, the attention sink rule (mean attention of the sink heads
+# >= 1e-3), B = 15, R = 3.
 LLAVA_CHECKPOINTS = (
     KnownCheckpoint(
         "llava-hf/llava-1.5-7b-hf",
         _signature(32, 4096, 32),
-        FamilyDefaults(label_heads={14: [24, 13, 26]}, frozen_layers=15, rpn_layers=3, sink_heads={2: None}),
+        FamilyDefaults(
+            label_heads={14: [24, 13, 26]}, frozen_layers=15, rpn_layers=3, sink_rule="attention", sink_heads={2: None}
+        ),
     ),
     KnownCheckpoint(
         "llava-hf/llava-1.5-13b-hf",
@@ -49,6 +52,7 @@ LLAVA_CHECKPOINTS = (
             label_heads={16: [2, 21, 30], 15: [2], 13: [21, 23, 26]},
             frozen_layers=15,
             rpn_layers=3,
+            sink_rule="attention",
             sink_heads={16: [17, 22]},
         ),
     ),

@@ -57,7 +57,15 @@ def label_layers_from_recipe(model_dir: Path, min_top1_hit: float = 0.8) -> dict
 
 
 def toy_label_settings(model_dir: Path) -> LabelSettings:
-    return LabelSettings(label_heads=label_layers_from_recipe(model_dir), max_new_tokens=4)
+    """The toy's own label settings, with which the shipped RPN was made: its label layers, the paper's norm sink
+    rule, the prefill row among the queries (the toy's answers are one or two words), layers weighed alike."""
+    return LabelSettings(
+        label_heads=label_layers_from_recipe(model_dir),
+        max_new_tokens=4,
+        sink_rule="norm",
+        queries="prompt+answer",
+        head_weighting="layer",
+    )
 
 
 TOY_LABELS = toy_label_settings(toy_model_dir())
