@@ -12,6 +12,7 @@ from sdrpn.labeling import LabelSettings
 from sdrpn.models import load_model, wrap_model
 from sdrpn.models.llava import LlavaAdapter
 from sdrpn.models.qwen2_5_vl import PAPER_PIXELS, Qwen2_5_VLAdapter
+from sdrpn.roi import RoiSettings
 from sdrpn.shipped import resolve, shipped_dir
 from tests.conftest import build_tiny, random_images
 
@@ -131,3 +132,16 @@ def test_load_takes_shipped_names_in_python_as_on_the_command_line():
     assert zoom.rpn is not None and zoom.settings.method == "sdrpn"
     assert zoom.rpn.config.base_model == "toy"
     assert isinstance(zoom.ask(random_images(1, size=(64, 48))[0], "what colour is the object ?").answer, str)
+
+
+def test_task_presets_take_the_released_threshold_and_tau_overrides(adapter, family):
+    from sdrpn.infer import load
+
+    expected = {"llava": {"docvqa": 0.1, "ocrbench": 0.05, "textvqa": 0.15}, "qwen": {"textvqa": 0.075}}[family]
+    for task, tau in expected.items():
+        assert load(adapter, task=task).settings.roi.tau == tau
+    assert load(adapter, task="ocrbench", tau=0.3).settings.roi.tau == 0.3
+    with pytest.raises(SdrpnError, match="unknown task 'mmmu'"):
+        load(adapter, task="mmmu")
+    if family == "llava":  # every LLaVA-1.5 takes the released stage-1 rule by default
+        assert adapter.defaults().roi == RoiSettings.released()

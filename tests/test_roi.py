@@ -466,3 +466,36 @@ def test_image_cells_excludes_pure_padding():
     wide = image_cells(Geometry.pad_to_square(160, 60, 4, 4))  # image rows 50..110 of a 160 canvas
     assert wide.tolist() == [[False] * 4, [True] * 4, [True] * 4, [False] * 4]
     assert image_cells(Geometry.identity(30, 20, 3, 5)).all()
+
+
+# --- the released stage-1 rule (get_bbox_from_noisy_map), worked by hand ---------------------------------
+
+RELEASED_NO_BLUR = RoiSettings(tau=0.5, sigma=0, max_side_frac=1.0, max_tokens=225, grow_rule="released")
+
+
+def test_released_rule_grows_small_components_with_its_integer_arithmetic():
+    grid = np.zeros((24, 24))
+    grid[5, 5:7] = 1.0  # 2 tokens: x 5..7, centre 6, width max(3, 7 - 5 + 1) = 3 -> int(4.5) .. int(7.5) = 4 .. 7
+    assert find_regions(grid, RELEASED_NO_BLUR).boxes == [(4, 4, 7, 7)]  # rows: centre 5.5, int(4.0) .. int(7.0)
+    grid = np.zeros((24, 24))
+    grid[20:23, 23] = 1.0  # 3 tokens on the last column: the high end is clipped at index 23, never 24
+    assert find_regions(grid, RELEASED_NO_BLUR).boxes == [(19, 22, 23, 23)]
+    grid = np.zeros((24, 24))
+    grid[10:12, 22:24] = 1.0  # 4 tokens: not grown
+    assert find_regions(grid, RELEASED_NO_BLUR).boxes == [(10, 22, 12, 24)]
+
+
+def test_released_rule_drops_components_of_more_than_225_tokens_whatever_their_sides():
+    grid = np.zeros((24, 24))
+    grid[0:15, 0:15] = 1.0  # 225 tokens: kept
+    assert find_regions(grid, RELEASED_NO_BLUR).boxes == [(0, 0, 15, 15)]
+    grid[15, 0] = 1.0  # 226: dropped
+    assert find_regions(grid, RELEASED_NO_BLUR).boxes == []
+    line = np.zeros((24, 24))
+    line[3, :] = 1.0  # 24 tokens wide: a side over 15 is no reason to drop it any more
+    assert find_regions(line, RELEASED_NO_BLUR).boxes == [(3, 0, 4, 24)]
+    assert RoiSettings.released(tau=0.1) == RoiSettings(
+        tau=0.1, max_side_frac=1.0, max_tokens=225, grow_rule="released"
+    )
+    with pytest.raises(SdrpnError, match="grow_rule"):
+        RoiSettings(grow_rule="sideways")

@@ -167,7 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--method", default=None, help="sdrpn, base, raw-attention or vicrop (default: sdrpn with --rpn, else base)"
     )
     ask.add_argument("--upscale", choices=("mask", "box"), default="mask")
-    ask.add_argument("--tau", type=float, default=None, help="RoI threshold in (0, 1) (default 0.15)")
+    ask.add_argument("--tau", type=float, default=None, help="RoI threshold in (0, 1) (default: the model's)")
+    ask.add_argument(
+        "--task", default=None, help="released per-benchmark threshold: textvqa, docvqa, infovqa, chartqa, pope, ..."
+    )
     ask.add_argument(
         "--window",
         type=float,
@@ -296,6 +299,7 @@ def cmd_ask(args) -> int:
         method=args.method,
         upscale=args.upscale,
         tau=args.tau,
+        task=args.task,
         window=args.window,
         max_new_tokens=args.max_new_tokens,
     )

@@ -391,9 +391,11 @@ def load(
     device: str | None = None,
     min_pixels: int | None = None,
     max_pixels: int | None = None,
+    task: str | None = None,
 ) -> Zoom:
     """`sdrpn.load(model="llava-hf/llava-1.5-7b-hf", rpn="path")` -> a Zoom ready to `ask`. `model="toy",
-    rpn="toy"` is the shipped demo pair. min/max_pixels: the resolution of families that choose it (Qwen2.5-VL)."""
+    rpn="toy"` is the shipped demo pair. min/max_pixels: the resolution of families that choose it (Qwen2.5-VL).
+    `task` ("textvqa", "docvqa", ...) takes the released RoI threshold for that benchmark; `tau` overrides it."""
     if isinstance(model, FamilyAdapter):
         adapter = model
     else:
@@ -406,6 +408,11 @@ def load(
         network.to(adapter.device, adapter.dtype).eval()
     roi = adapter.defaults().roi  # the family's (or known checkpoint's), then the RPN's own, then the caller's
     roi = RoiSettings(**network.config.roi_settings) if network is not None and network.config.roi_settings else roi
+    if task is not None:  # the released per-benchmark threshold of this family
+        presets = adapter.defaults().task_tau
+        if task not in presets:
+            raise SdrpnError(f"unknown task {task!r} for this model; known: {', '.join(sorted(presets)) or 'none'}")
+        roi = replace(roi, tau=presets[task])
     roi = roi if tau is None else replace(roi, tau=tau)  # the RPN's own defaults, then the caller's choices
     roi = roi if window is None else replace(roi, window=window)
     settings = InferSettings(

@@ -171,6 +171,9 @@ class Geometry:
         return self.canvas_height / self.grid_height
 
 
+GROW_RULES = ("centred", "released")
+
+
 @dataclass(frozen=True)
 class RoiSettings:
     """Post-processing knobs; defaults are the released LLaVA-1.5 settings (24 x 24 grid).
@@ -186,6 +189,16 @@ class RoiSettings:
     grow_to: int = 3
     max_side_frac: float = 15 / 24
     window: float = 0.0  # > 0: crop a square of this many tokens centred on each region's mass (see windows_px)
+    max_tokens: int = 0  # > 0: drop components of more tokens than this (the released rule: 225 on 24 x 24)
+    grow_rule: str = "centred"  # "centred" (sdrpn) or "released" (the released code's integer arithmetic)
+
+    @classmethod
+    def released(cls, tau: float = 0.15) -> RoiSettings:
+        """The released LLaVA-1.5 stage-1 rule (`get_bbox_from_noisy_map`): blur (kernel 3, sigma 1), `> tau`,
+        8-connected components, 1-token components dropped, those under 4 tokens grown to >= 3 x 3 with the
+        released integer arithmetic (a grown box may not reach the last row or column), components of more
+        than 225 tokens dropped, no limit on a box's side."""
+        return cls(tau=tau, max_side_frac=1.0, max_tokens=225, grow_rule="released")
 
     def __post_init__(self) -> None:
         tau = self._real("tau")
@@ -214,6 +227,11 @@ class RoiSettings:
         window = self._real("window")
         if window is None or not (math.isfinite(window) and window >= 0):
             raise SdrpnError(f"window must be >= 0 tokens (0 = crop the region's token box), got {self.window!r}")
+        max_tokens = self._integer("max_tokens")
+        if max_tokens is None or max_tokens < 0:
+            raise SdrpnError(f"max_tokens must be an integer >= 0 (0 = no limit), got {self.max_tokens!r}")
+        if self.grow_rule not in GROW_RULES:
+            raise SdrpnError(f"grow_rule must be one of {GROW_RULES}, got {self.grow_rule!r}")
 
     def _integer(self, name: str) -> int | None:
         """The field as an int (stored back as a Python int if it was e.g. 3.0 or a numpy int), or None."""
@@ -328,6 +346,22 @@ def _grow_box(box: GridBox, side: int, limits: GridBox) -> GridBox:
     return (r0, c0, r1, c1)
 
 
+def _grow_box_released(box: GridBox, side: int, limits: GridBox) -> GridBox:
+    """The released code's growth: side max(side, extent + 1) about the box centre, truncated with int(), the
+    low end clipped at 0 and the high end at the last index (so a grown box never takes the last row or
+    column). A box it would leave empty keeps one token."""
+    r0, c0, r1, c1 = box
+
+    def grow(lo: int, hi: int, limit_lo: int, limit_hi: int) -> tuple[int, int]:
+        centre, extent = (lo + hi) / 2, max(side, hi - lo + 1)
+        new_lo, new_hi = max(limit_lo, int(centre - extent / 2)), min(limit_hi - 1, int(centre + extent / 2))
+        return new_lo, max(new_hi, new_lo + 1)
+
+    r0, r1 = grow(r0, r1, limits[0], limits[2])
+    c0, c1 = grow(c0, c1, limits[1], limits[3])
+    return (r0, c0, r1, c1)
+
+
 def _smooth(prob: np.ndarray, sigma: float, radius: int) -> np.ndarray:
     """Gaussian smoothing ('mirror' is OpenCV's default border, and keeps a uniform map uniform at the edges).
 
@@ -378,10 +412,13 @@ def find_regions(
         size = int(sizes[index])
         if size < settings.min_tokens:
             continue
+        if settings.max_tokens and size > settings.max_tokens:
+            continue
         box = (slices[0].start, slices[1].start, slices[0].stop, slices[1].stop)
         grown = size < settings.grow_below
         if grown:
-            r0, c0, r1, c1 = _grow_box(box, settings.grow_to, (0, 0, grid_h, grid_w))
+            grow = _grow_box_released if settings.grow_rule == "released" else _grow_box
+            r0, c0, r1, c1 = grow(box, settings.grow_to, (0, 0, grid_h, grid_w))
             if allowed_mask is not None:  # cut to the allowed cells' bounding box within the grown box
                 rows = np.flatnonzero(allowed_mask[r0:r1, c0:c1].any(axis=1))
                 cols = np.flatnonzero(allowed_mask[r0:r1, c0:c1].any(axis=0))

@@ -125,6 +125,7 @@ class FamilyDefaults:
     label_queries: str = "answer"  # the generated tokens only (released); "prompt+answer" adds the prefill row
     head_weighting: str = "head"  # every listed (layer, head) weighs the same (released); "layer": per layer
     roi: RoiSettings = field(default_factory=RoiSettings)
+    task_tau: dict[str, float] = field(default_factory=dict)  # released per-benchmark RoI thresholds (`--task`)
     label_head_sets: dict[str, LayerHeads] = field(default_factory=dict)
     sink_head_sets: dict[str, LayerHeads | None] = field(default_factory=dict)
     # Resolution of families that choose it per image (Qwen2.5-VL): the pixel budget for answering, and the one

@@ -22,12 +22,25 @@ from sdrpn.models.base import (
     pad_visual_positions,
 )
 from sdrpn.models.stock import StockLayoutAdapter
-from sdrpn.roi import Geometry
+from sdrpn.roi import Geometry, RoiSettings
 
 
 def padding_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     """Position ids that ignore left padding (what `generate` uses), so batch == single answers."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+# The released evaluation's RoI threshold per benchmark (reproduce.sh).
+LLAVA_TASK_TAU = {
+    "textvqa": 0.15,
+    "infovqa": 0.15,
+    "chartqa": 0.15,
+    "pope": 0.15,
+    "docvqa": 0.1,
+    "vstar": 0.1,
+    "hrbench": 0.1,
+    "ocrbench": 0.05,
+}
 
 
 def _signature(layers: int, hidden: int, heads: int) -> dict:
@@ -42,7 +55,13 @@ LLAVA_CHECKPOINTS = (
         "llava-hf/llava-1.5-7b-hf",
         _signature(32, 4096, 32),
         FamilyDefaults(
-            label_heads={14: [24, 13, 26]}, frozen_layers=15, rpn_layers=3, sink_rule="attention", sink_heads={2: None}
+            label_heads={14: [24, 13, 26]},
+            frozen_layers=15,
+            rpn_layers=3,
+            sink_rule="attention",
+            sink_heads={2: None},
+            roi=RoiSettings.released(),
+            task_tau=LLAVA_TASK_TAU,
         ),
     ),
     KnownCheckpoint(
@@ -54,6 +73,8 @@ LLAVA_CHECKPOINTS = (
             rpn_layers=3,
             sink_rule="attention",
             sink_heads={16: [17, 22]},
+            roi=RoiSettings.released(),
+            task_tau=LLAVA_TASK_TAU,
         ),
     ),
 )
@@ -112,7 +133,11 @@ class LlavaAdapter(StockLayoutAdapter):
         }
 
     def generic_defaults(self) -> FamilyDefaults:
-        return self.middle_band_defaults(sink_heads={min(2, self.attention_shape.num_layers - 1): None})
+        return self.middle_band_defaults(
+            sink_heads={min(2, self.attention_shape.num_layers - 1): None},
+            roi=RoiSettings.released(),
+            task_tau=LLAVA_TASK_TAU,
+        )
 
     # --- prompts -------------------------------------------------------------------------------
     def _fill_colour(self) -> tuple[int, int, int]:

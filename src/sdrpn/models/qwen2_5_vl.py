@@ -88,6 +88,21 @@ def _image_processor_settings(path, revision: str | None = None) -> dict:
     return {}
 
 
+# The released evaluation's RoI threshold per benchmark (Qwen2.5-VL-7B); "-hr" at the high-resolution budgets
+# (--min-pixels = --max-pixels = 3072 x 28 x 28 for V*, 4096 x 28 x 28 for HR-Bench).
+QWEN_TASK_TAU = {
+    "textvqa": 0.075,
+    "vstar": 0.075,
+    "docvqa": 0.1,
+    "infovqa": 0.1,
+    "chartqa": 0.1,
+    "pope": 0.1,
+    "ocrbench": 0.05,
+    "vstar-hr": 0.05,
+    "hrbench-hr": 0.03,
+}
+
+
 def _signature(layers: int, hidden: int, heads: int, kv_heads: int) -> dict:
     return {"model_type": "qwen2_5_vl", "text": [layers, hidden, heads, kv_heads], "vision": [32, 1280]}
 
@@ -103,6 +118,7 @@ def _qwen_defaults(frozen: int, text_rich: dict, natural: dict, natural_sinks: d
         sink_heads=natural_sinks,
         sink_threshold=1e-2,
         roi=RoiSettings(tau=0.1),
+        task_tau=QWEN_TASK_TAU,
         label_head_sets={"natural": natural, "text-rich": text_rich},
         sink_head_sets={"natural": natural_sinks, "text-rich": None},
         min_pixels=PAPER_PIXELS,
@@ -196,7 +212,7 @@ class Qwen2_5_VLAdapter(StockLayoutAdapter):
         low, high = size["shortest_edge"], size["longest_edge"]
         pixels = min(max(PAPER_PIXELS, low), high)
         return self.middle_band_defaults(
-            roi=RoiSettings(tau=0.1), min_pixels=pixels, max_pixels=pixels, label_pixels=pixels
+            roi=RoiSettings(tau=0.1), task_tau=QWEN_TASK_TAU, min_pixels=pixels, max_pixels=pixels, label_pixels=pixels
         )
 
     # --- prompts -------------------------------------------------------------------------------
