@@ -131,6 +131,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     label.add_argument("--sink-rule", choices=("norm", "attention", "none"), default=None, help="default: the model's")
     label.add_argument("--sink-threshold", type=float, default=None, help="attention sink rule threshold")
+    label.add_argument(
+        "--queries",
+        choices=("answer", "prompt+answer"),
+        default=None,
+        help="rows averaged: the generated tokens (released, default) or also the last prompt token",
+    )
+    label.add_argument(
+        "--head-weighting",
+        choices=("head", "layer"),
+        default=None,
+        help="every listed head weighs the same (released, default) or every layer does",
+    )
     label.add_argument("--tau-norm", type=float, default=None, help="sink norm threshold (default: median + 5 MAD)")
     label.add_argument("--fg", type=float, default=0.2)
     label.add_argument("--bg", type=float, default=0.1)
@@ -228,6 +240,8 @@ def cmd_label(args) -> int:
         label_heads=label_heads_from_text(args.label_heads) if args.label_heads else None,
         sink_rule=args.sink_rule,
         sink_threshold=args.sink_threshold,
+        queries=args.queries,
+        head_weighting=args.head_weighting,
         tau_norm=args.tau_norm,
         fg=args.fg,
         bg=args.bg,
