@@ -44,7 +44,7 @@ def test_initial_logits_are_the_last_layers_attention_logits(adapter, family):
     """At initialisation the RPN's map is layer B+R-1's q.k/sqrt(d), averaged over heads: for LLaVA without RoPE
     (as the released models compare them), for Qwen2.5-VL exactly the layer's own post-M-RoPE logits."""
     batch = adapter.prepare(random_images(2, size=(90, 60)), [[QUESTIONS[0]], [QUESTIONS[2]]])
-    rpn = RegionProposalNetwork(adapter, 1, 2)
+    rpn = RegionProposalNetwork(adapter, 1, 2, final_norm=False)
     logits, mask = rpn(batch)
     assert logits.shape == (2, 1, max(batch.visual_counts)) and bool(mask.all())
     layer = adapter.decoder_layers[2]
@@ -152,3 +152,26 @@ def test_an_rpn_of_an_older_digest_is_refused_with_the_reason(adapter, tmp_path)
     rpn.save(tmp_path / "rpn")
     with pytest.raises(SdrpnError, match="older sdrpn"):
         load_rpn(tmp_path / "rpn", adapter)
+
+
+def test_the_released_llava_rpn_puts_a_copy_of_the_final_norm_in_front_of_its_head(llava_adapter, tmp_path):
+    adapter = llava_adapter
+    rpn = RegionProposalNetwork(adapter, 1, 2)  # the LLaVA-1.5 default, as released
+    assert rpn.config.final_norm and torch.equal(rpn.final_norm.weight, adapter.final_norm.weight)
+    assert rpn.final_norm.weight.data_ptr() != adapter.final_norm.weight.data_ptr()
+    with torch.no_grad():
+        rpn.final_norm.weight.mul_(1.7)  # trained: the copy moves, the model's norm does not
+    batch = adapter.prepare(random_images(1, size=(90, 60)), [[QUESTIONS[0]]])
+    logits, _ = rpn(batch)
+    with torch.no_grad():
+        hidden = adapter.model.model(**batch.inputs, position_ids=batch.position_ids, output_hidden_states=True)
+    normed = rpn.head_norm(rpn.final_norm(hidden.hidden_states[2][0]))
+    shape = adapter.attention_shape
+    q = rpn.q_proj(normed[batch.query_positions[0][-1]]).view(shape.num_heads, -1)
+    k = rpn.k_proj(normed[batch.visual_positions[0]]).view(-1, shape.num_kv_heads, shape.head_dim)
+    expected = torch.einsum("hd,nhd->hn", q, k.repeat_interleave(shape.num_heads // shape.num_kv_heads, 1))
+    torch.testing.assert_close(logits[0, 0], expected.mean(0) / shape.head_dim**0.5, atol=1e-5, rtol=1e-5)
+    rpn.save(tmp_path / "rpn")
+    loaded = load_rpn(tmp_path / "rpn", adapter)
+    assert loaded.config.final_norm and torch.equal(loaded.final_norm.weight, rpn.final_norm.weight)
+    assert RegionProposalNetwork(adapter, 1, 2, final_norm=False).final_norm is None

@@ -168,7 +168,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--save-every", type=int, default=0, help="steps between resumable checkpoints")
     train.add_argument("--mixed-precision", choices=("auto", "bf16", "no"), default="auto")
     train.add_argument("--target", choices=("labels", "labels-no-sinks", "raw-mse"), default="labels")
-    train.add_argument("--resume", action="store_true", help="continue from OUT/last")
+    train.add_argument(
+        "--final-norm",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="a trainable copy of the final norm in the RPN's head (default: the family's; LLaVA-1.5 yes, as released)",
+    )
+    train.add_argument("--resume", action="store_true", help="continue from the checkpoint in OUT")
 
     ask = commands.add_parser("ask", help="answer a question about an image, zooming where the RPN points")
     _add_model(ask)
@@ -289,6 +295,7 @@ def cmd_train(args) -> int:
         save_every=args.save_every,
         mixed_precision=args.mixed_precision,
         target=args.target,
+        final_norm=args.final_norm,
     )
     check_output_folder(args.out)
     check_device(args.device)

@@ -57,12 +57,24 @@ class RpnConfig:
     training: dict = field(default_factory=dict)
     roi_settings: dict = field(default_factory=dict)  # inference defaults for this RPN (sdrpn.roi.RoiSettings)
     sdrpn_version: str = ""
+    final_norm: bool = False  # a trainable copy of the final norm in front of the head (the released LLaVA RPN)
 
 
 class RegionProposalNetwork(nn.Module):
     """Predicts RoI logits over the visual tokens from one partial forward pass."""
 
-    def __init__(self, adapter: FamilyAdapter, frozen_layers: int, rpn_layers: int, config: RpnConfig | None = None):
+    def __init__(
+        self,
+        adapter: FamilyAdapter,
+        frozen_layers: int,
+        rpn_layers: int,
+        config: RpnConfig | None = None,
+        *,
+        final_norm: bool | None = None,
+    ):
+        """`final_norm` (None: the family's default; a config's own value wins) puts a trainable copy of the
+        model's final norm, initialised from it, in front of the head's input norm, as the released LLaVA RPN
+        has it; the initial map is then no longer exactly the layer's attention logits."""
         super().__init__()
         shape = adapter.attention_shape
         if frozen_layers < 0 or rpn_layers < 1 or frozen_layers + rpn_layers > shape.num_layers:
@@ -79,6 +91,11 @@ class RegionProposalNetwork(nn.Module):
         self.head_norm = copy.deepcopy(head_norm)
         self.q_proj = copy.deepcopy(q_proj)
         self.k_proj = copy.deepcopy(k_proj)
+        if config is not None:
+            final_norm = config.final_norm
+        elif final_norm is None:
+            final_norm = adapter.defaults().rpn_final_norm
+        self.final_norm = copy.deepcopy(adapter.final_norm) if final_norm else None
         for parameter in self.parameters():
             parameter.requires_grad_(True)
         self.config = config or RpnConfig(
@@ -89,6 +106,7 @@ class RegionProposalNetwork(nn.Module):
             frozen_layers=frozen_layers,
             rpn_layers=rpn_layers,
             sdrpn_version=__version__,
+            final_norm=bool(final_norm),
         )
 
     @property
@@ -110,8 +128,11 @@ class RegionProposalNetwork(nn.Module):
         )
         query_mask = torch.tensor([[i < len(q) for i in range(turns)] for q in batch.query_positions])
         rows = torch.arange(batch.size, device=hidden.device)[:, None]
-        queries = self.head_norm(hidden[rows, query_index])  # (B, Q, D)
-        keys = self.head_norm(hidden[rows, batch.visual_positions.to(hidden.device)])  # (B, N_v, D)
+        queries = hidden[rows, query_index]  # (B, Q, D)
+        keys = hidden[rows, batch.visual_positions.to(hidden.device)]  # (B, N_max, D)
+        if self.final_norm is not None:
+            queries, keys = self.final_norm(queries), self.final_norm(keys)
+        queries, keys = self.head_norm(queries), self.head_norm(keys)
         shape = self.adapter.attention_shape
         q = self.q_proj(queries).view(batch.size, turns, shape.num_heads, shape.head_dim).transpose(1, 2)
         k = self.k_proj(keys).view(batch.size, -1, shape.num_kv_heads, shape.head_dim).transpose(1, 2)
@@ -154,6 +175,7 @@ _CONFIG_TYPES = {
     "training": dict,
     "roi_settings": dict,
     "sdrpn_version": str,
+    "final_norm": bool,
 }
 
 
@@ -172,7 +194,7 @@ def read_rpn_config(directory: str | Path) -> RpnConfig:
     if unknown:
         raise SdrpnError(f"'{path}' is not a valid RPN config: unknown keys {unknown}")
     for key, kind in _CONFIG_TYPES.items():
-        if key in data and (not isinstance(data[key], kind) or isinstance(data[key], bool)):
+        if key in data and (not isinstance(data[key], kind) or (kind is not bool and isinstance(data[key], bool))):
             raise SdrpnError(f"'{path}': {key} must be a {kind.__name__}, got {data[key]!r:.40}")
     missing = [key for key in list(_CONFIG_TYPES)[:6] if key not in data]
     if missing:

@@ -53,6 +53,7 @@ class TrainSettings:
     save_every: int = 0  # steps between resumable checkpoints (0: only at the end)
     mixed_precision: str = "auto"  # "auto" (bf16 on GPU), "bf16" or "no"
     target: str = "labels"  # "labels" (paper), "labels-no-sinks", "raw-mse" (ablations)
+    final_norm: bool | None = None  # a copy of the final norm in the RPN (None: the family's default)
 
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
@@ -152,7 +153,7 @@ def train_rpn(
         rpn = RegionProposalNetwork(adapter, config.frozen_layers, config.rpn_layers, config)
         rpn.load_state_dict_checked(state["rpn"])
     else:
-        rpn = RegionProposalNetwork(adapter, frozen, depth)
+        rpn = RegionProposalNetwork(adapter, frozen, depth, final_norm=settings.final_norm)
     rpn.config.label_settings = label_settings.to_json()
     rpn.float().train()
     for parameter in adapter.model.parameters():

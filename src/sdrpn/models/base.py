@@ -122,6 +122,7 @@ class FamilyDefaults:
     sink_rule: str = "norm"
     sink_heads: LayerHeads | None = None
     sink_threshold: float = 1e-3
+    rpn_final_norm: bool = False  # a copy of the final norm in the RPN's head (the released LLaVA RPN)
     label_queries: str = "answer"  # the generated tokens only (released); "prompt+answer" adds the prefill row
     head_weighting: str = "head"  # every listed (layer, head) weighs the same (released); "layer": per layer
     roi: RoiSettings = field(default_factory=RoiSettings)

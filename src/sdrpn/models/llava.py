@@ -61,6 +61,7 @@ LLAVA_CHECKPOINTS = (
             sink_rule="attention",
             sink_heads={2: None},
             roi=RoiSettings.released(),
+            rpn_final_norm=True,
             task_tau=LLAVA_TASK_TAU,
         ),
     ),
@@ -74,6 +75,7 @@ LLAVA_CHECKPOINTS = (
             sink_rule="attention",
             sink_heads={16: [17, 22]},
             roi=RoiSettings.released(),
+            rpn_final_norm=True,
             task_tau=LLAVA_TASK_TAU,
         ),
     ),
@@ -136,6 +138,7 @@ class LlavaAdapter(StockLayoutAdapter):
         return self.middle_band_defaults(
             sink_heads={min(2, self.attention_shape.num_layers - 1): None},
             roi=RoiSettings.released(),
+            rpn_final_norm=True,
             task_tau=LLAVA_TASK_TAU,
         )
 

@@ -94,6 +94,11 @@ class StockLayoutAdapter(FamilyAdapter):
             hidden_size=text.hidden_size,
         )
 
+    @property
+    def final_norm(self) -> nn.Module:
+        """The text model's last norm (the released LLaVA RPN carries a trainable copy of it)."""
+        return self._language_model.norm
+
     def attention_module(self, layer: nn.Module) -> nn.Module:
         return layer.self_attn
 
