@@ -76,7 +76,9 @@ def _planted_labels(adapter, image_folder, out):
 
 def test_train_writes_checkpoint_and_resumes(adapter, image_folder, tmp_path):
     labels = _planted_labels(adapter, image_folder, tmp_path / "labels")
-    settings = TrainSettings(frozen_layers=2, rpn_layers=3, batch_size=2, epochs=2, learning_rate=1e-3, save_every=3)
+    settings = TrainSettings(
+        frozen_layers=2, rpn_layers=3, batch_size=2, grad_accumulation=1, epochs=2, learning_rate=1e-3, save_every=3
+    )
     initial = RegionProposalNetwork(adapter, 2, 3)
     full = train_rpn(adapter, labels, tmp_path / "full", settings, progress=False)
     assert (tmp_path / "full" / "rpn_model.safetensors").is_file()
@@ -139,7 +141,9 @@ def test_a_kill_while_writing_the_checkpoint_keeps_the_previous_one(adapter, ima
     from sdrpn import train
 
     labels = _planted_labels(adapter, image_folder, tmp_path / "labels")
-    settings = TrainSettings(frozen_layers=2, rpn_layers=3, batch_size=2, epochs=1, learning_rate=1e-3, save_every=2)
+    settings = TrainSettings(
+        frozen_layers=2, rpn_layers=3, batch_size=2, grad_accumulation=1, epochs=1, learning_rate=1e-3, save_every=2
+    )
     full = train_rpn(adapter, labels, tmp_path / "full", settings, progress=False)
     original = train.atomic_write
     calls = {"n": 0}
@@ -163,3 +167,22 @@ def test_a_kill_while_writing_the_checkpoint_keeps_the_previous_one(adapter, ima
     resumed = train_rpn(adapter, labels, tmp_path / "split", settings, progress=False, resume=True)
     for (name, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_the_released_optimisation_is_the_default_and_updates_are_whole(adapter, family, image_folder, tmp_path):
+    """LLaVA-1.5: lr 5e-5, 512 samples per update; Qwen2.5-VL: 1e-4, 128 (accumulation fills what a device
+    cannot hold, never more than the run has); a checkpoint is only taken between updates."""
+    from sdrpn.train import _schedule
+
+    defaults = adapter.defaults()
+    lr, effective = {"llava": (5e-5, 512), "qwen": (1e-4, 128)}[family]
+    assert (defaults.learning_rate, defaults.effective_batch) == (lr, effective)
+    resolved, batches = _schedule(TrainSettings(batch_size=8), defaults, 100_000, processes=2, max_steps=None)
+    assert resolved.learning_rate == lr and resolved.grad_accumulation == effective // 16
+    assert batches % resolved.grad_accumulation == 0 and batches >= 100_000 // 16
+    resolved, batches = _schedule(TrainSettings(batch_size=2), defaults, 10, processes=1, max_steps=None)
+    assert (resolved.grad_accumulation, batches) == (5, 5)  # a tiny run still takes one whole update
+    labels = _planted_labels(adapter, image_folder, tmp_path / "labels")
+    settings = TrainSettings(frozen_layers=2, rpn_layers=3, batch_size=2, grad_accumulation=2, epochs=1, save_every=1)
+    rpn = train_rpn(adapter, labels, tmp_path / "rpn", settings, progress=False)
+    assert rpn.config.training["settings"]["learning_rate"] == lr and rpn.config.training["batches"] == 6

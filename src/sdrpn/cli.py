@@ -158,9 +158,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", required=True, help="RPN checkpoint folder")
     train.add_argument("--frozen-layers", "-B", type=int, default=None, help="B (default: the model's)")
     train.add_argument("--rpn-layers", "-R", type=int, default=None, help="R (default: 3)")
-    train.add_argument("--lr", type=float, default=5e-5)
+    train.add_argument("--lr", type=float, default=None, help="default: the family's (LLaVA-1.5 5e-5, Qwen 1e-4)")
     train.add_argument("--batch-size", type=positive_int, default=8)
-    train.add_argument("--grad-accumulation", type=positive_int, default=1)
+    train.add_argument(
+        "--grad-accumulation",
+        type=positive_int,
+        default=None,
+        help="batches per update (default: reach the family's effective batch, LLaVA-1.5 512, Qwen 128)",
+    )
     train.add_argument("--epochs", type=float, default=1.0)
     train.add_argument("--max-samples", type=positive_int, default=None)
     train.add_argument("--max-steps", type=positive_int, default=None)

@@ -17,12 +17,12 @@ import json
 import math
 import random
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
@@ -41,16 +41,16 @@ STATE_NAME = "resume.pt"
 class TrainSettings:
     frozen_layers: int | None = None  # B (None: the adapter's default for the model)
     rpn_layers: int | None = None  # R
-    learning_rate: float = 5e-5
+    learning_rate: float | None = None  # None: the family's released value (LLaVA-1.5 5e-5, Qwen2.5-VL 1e-4)
     batch_size: int = 8
-    grad_accumulation: int = 1
+    grad_accumulation: int | None = None  # None: reach the family's released effective batch (512 / 128)
     epochs: float = 1.0
     warmup_ratio: float = 0.03
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     max_samples: int | None = None  # seeded random subset (the paper's 10K setting)
     seed: int = 0
-    save_every: int = 0  # steps between resumable checkpoints (0: only at the end)
+    save_every: int = 0  # batches between resumable checkpoints, taken at whole updates (0: only at the end)
     mixed_precision: str = "auto"  # "auto" (bf16 on GPU), "bf16" or "no"
     target: str = "labels"  # "labels" (paper), "labels-no-sinks", "raw-mse" (ablations)
     final_norm: bool | None = None  # a copy of the final norm in the RPN (None: the family's default)
@@ -58,8 +58,10 @@ class TrainSettings:
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
             raise SdrpnError(f"target must be one of {TARGETS}, got {self.target!r}")
-        if self.batch_size < 1 or self.learning_rate <= 0 or self.epochs <= 0:
+        if self.batch_size < 1 or (self.learning_rate is not None and self.learning_rate <= 0) or self.epochs <= 0:
             raise SdrpnError("batch_size, learning_rate and epochs must be positive")
+        if self.grad_accumulation is not None and self.grad_accumulation < 1:
+            raise SdrpnError("grad_accumulation must be at least 1")
 
 
 def masked_bce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -162,6 +164,8 @@ def train_rpn(
     precision = settings.mixed_precision
     if precision == "auto":
         precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    processes = PartialState().num_processes  # each process takes its own slice of every global batch
+    settings, total_batches = _schedule(settings, defaults, len(records), processes, max_steps)
     accelerator = Accelerator(mixed_precision=precision, gradient_accumulation_steps=settings.grad_accumulation)
     optimizer = torch.optim.AdamW(
         [p for p in rpn.parameters() if p.requires_grad],
@@ -169,12 +173,7 @@ def train_rpn(
         betas=(0.9, 0.98),
         weight_decay=settings.weight_decay,
     )
-    processes = accelerator.num_processes  # each process takes its own slice of every global batch
-    steps_per_epoch = math.ceil(len(records) / (settings.batch_size * processes))
-    total_batches = max(1, int(steps_per_epoch * settings.epochs))
-    if max_steps is not None:
-        total_batches = min(total_batches, max_steps * settings.grad_accumulation)
-    total_updates = math.ceil(total_batches / settings.grad_accumulation)
+    total_updates = total_batches // settings.grad_accumulation
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(settings.warmup_ratio * total_updates), total_updates)
     rpn, optimizer = accelerator.prepare(rpn, optimizer)  # the schedule counts updates itself (below)
     adapter.model.to(accelerator.device)
@@ -215,7 +214,8 @@ def train_rpn(
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}")
         done = batch_index + 1
-        if settings.save_every and done % settings.save_every == 0 and done < total_batches:
+        whole_update = done % settings.grad_accumulation == 0  # a checkpoint never holds half-accumulated gradients
+        if settings.save_every and done % settings.save_every == 0 and whole_update and done < total_batches:
             _save(accelerator, rpn, optimizer, scheduler, state_path, done, identity)
     bar.close()
     _save(accelerator, rpn, optimizer, scheduler, state_path, total_batches, identity)
@@ -233,6 +233,24 @@ def _epoch_order(count: int, seed: int) -> list[int]:
 
 def _training_record(settings: TrainSettings, samples: int, batches: int) -> dict:
     return {"settings": asdict(settings), "samples": samples, "batches": batches}
+
+
+def _schedule(settings: TrainSettings, defaults, samples: int, processes: int, max_steps: int | None):
+    """Resolve the learning rate and accumulation (the family's released values unless set) and the number of
+    batches: one pass per epoch, at most `max_steps` updates, and whole updates only (accumulation never exceeds
+    the run, so a small data set still takes at least one step)."""
+    steps_per_epoch = math.ceil(samples / (settings.batch_size * processes))
+    batches = max(1, int(steps_per_epoch * settings.epochs))
+    accumulation = settings.grad_accumulation
+    if accumulation is None:
+        accumulation = max(1, min(math.ceil(defaults.effective_batch / (settings.batch_size * processes)), batches))
+    if max_steps is not None:
+        batches = min(batches, max_steps * accumulation)
+    batches = math.ceil(batches / accumulation) * accumulation
+    resolved = replace(
+        settings, learning_rate=settings.learning_rate or defaults.learning_rate, grad_accumulation=accumulation
+    )
+    return resolved, batches
 
 
 def _run_identity(settings: TrainSettings, records: list[dict], labels: LabelSettings, batches: int, depth) -> dict:

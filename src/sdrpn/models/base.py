@@ -123,6 +123,8 @@ class FamilyDefaults:
     sink_heads: LayerHeads | None = None
     sink_threshold: float = 1e-3
     rpn_final_norm: bool = False  # a copy of the final norm in the RPN's head (the released LLaVA RPN)
+    learning_rate: float = 5e-5  # released RPN training (LLaVA-1.5); Qwen2.5-VL 1e-4
+    effective_batch: int = 512  # samples per update (gradient accumulation fills it); Qwen2.5-VL 128
     label_queries: str = "answer"  # the generated tokens only (released); "prompt+answer" adds the prefill row
     head_weighting: str = "head"  # every listed (layer, head) weighs the same (released); "layer": per layer
     roi: RoiSettings = field(default_factory=RoiSettings)

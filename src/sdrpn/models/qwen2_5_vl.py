@@ -119,6 +119,8 @@ def _qwen_defaults(frozen: int, text_rich: dict, natural: dict, natural_sinks: d
         sink_threshold=1e-2,
         roi=RoiSettings(tau=0.1),
         task_tau=QWEN_TASK_TAU,
+        learning_rate=1e-4,
+        effective_batch=128,
         label_head_sets={"natural": natural, "text-rich": text_rich},
         sink_head_sets={"natural": natural_sinks, "text-rich": None},
         min_pixels=PAPER_PIXELS,
@@ -212,7 +214,13 @@ class Qwen2_5_VLAdapter(StockLayoutAdapter):
         low, high = size["shortest_edge"], size["longest_edge"]
         pixels = min(max(PAPER_PIXELS, low), high)
         return self.middle_band_defaults(
-            roi=RoiSettings(tau=0.1), task_tau=QWEN_TASK_TAU, min_pixels=pixels, max_pixels=pixels, label_pixels=pixels
+            roi=RoiSettings(tau=0.1),
+            task_tau=QWEN_TASK_TAU,
+            learning_rate=1e-4,
+            effective_batch=128,
+            min_pixels=pixels,
+            max_pixels=pixels,
+            label_pixels=pixels,
         )
 
     # --- prompts -------------------------------------------------------------------------------

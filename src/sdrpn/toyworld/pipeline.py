@@ -34,7 +34,9 @@ from sdrpn.train import TrainSettings, train_rpn
 # a region's token box puts the mark anywhere in the crop; a one-token window centred on the region's mass keeps
 # it near the crop's centre. tau and window were chosen on seed 99, not a bench seed.
 TOY_ROI = RoiSettings(tau=0.5, sigma=0.5, min_tokens=1, grow_below=0, max_side_frac=0.5, window=1.0)
-TOY_TRAIN = TrainSettings(learning_rate=1e-3, batch_size=16, epochs=2, mixed_precision="no", final_norm=False)
+TOY_TRAIN = TrainSettings(
+    learning_rate=1e-3, batch_size=16, grad_accumulation=1, epochs=2, mixed_precision="no", final_norm=False
+)
 TOY_LABEL_SEED = 1000  # training scenes; evaluation uses other seeds
 TOY_BINDING_FRAC = 0.0  # share of self-distillation scenes with three objects, the target named by colour
 ACCURACY_BATCH = 16
