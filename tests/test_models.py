@@ -145,3 +145,28 @@ def test_task_presets_take_the_released_threshold_and_tau_overrides(adapter, fam
         load(adapter, task="mmmu")
     if family == "llava":  # every LLaVA-1.5 takes the released stage-1 rule by default
         assert adapter.defaults().roi == RoiSettings.released()
+
+
+def test_llava_prompts_as_the_released_evaluation_and_an_rpn_keeps_its_prompt(llava_adapter, tmp_path):
+    from sdrpn.models.llava import VICUNA_SYSTEM
+    from sdrpn.rpn import RegionProposalNetwork, load_rpn
+
+    vicuna = wrap_model(llava_adapter.model, llava_adapter.processor, "tiny-llava", prompt_style="vicuna_v1")
+    conversation = ["what colour is the object ?", "red", "where is the square ?"]
+    assert vicuna._prompt(conversation, 3) == (
+        f"{VICUNA_SYSTEM} USER: <image>\nwhat colour is the object ? ASSISTANT: red</s> USER: where is the square ?"
+        " ASSISTANT:"
+    )
+    batch = vicuna.prepare(random_images(1), [conversation])
+    tokens = vicuna.tokenizer.convert_ids_to_tokens(batch.inputs["input_ids"][0])
+    first, second = batch.query_positions[0]
+    assert tokens[first - 1 : first + 2] == ["ASSISTANT", ":", "red"] and tokens[second - 1 :] == ["ASSISTANT", ":"]
+    assert llava_adapter._prompt(conversation, 1).startswith("USER:")  # the chat template: no system prompt
+    RegionProposalNetwork(vicuna, 2, 2).save(tmp_path / "rpn")
+    assert json.loads((tmp_path / "rpn" / "rpn_config.json").read_text())["prompt_style"] == "vicuna_v1"
+    other = wrap_model(llava_adapter.model, llava_adapter.processor, "tiny-llava")
+    load_rpn(tmp_path / "rpn", other)
+    assert other.prompt_style == "vicuna_v1"  # answers are prompted as the RPN was trained
+    model, processor = build_tiny("qwen")
+    with pytest.raises(SdrpnError, match="not 'vicuna_v1'"):
+        wrap_model(model, processor, "tiny-qwen", prompt_style="vicuna_v1")

@@ -79,6 +79,11 @@ def _add_model(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: where it loads)")
     parser.add_argument("--revision", default=None, help="hub branch, tag or commit to pin the model to")
     parser.add_argument(
+        "--prompt-style",
+        default=None,
+        help="LLaVA-1.5: vicuna_v1 (the released prompt, default for the known checkpoints) or chat_template",
+    )
+    parser.add_argument(
         "--min-pixels",
         type=int,
         default=None,
@@ -103,6 +108,7 @@ def _load_adapter(args):
         dtype=dtype,
         device=args.device,
         revision=args.revision,
+        prompt_style=args.prompt_style,
         min_pixels=args.min_pixels,
         max_pixels=args.max_pixels,
     )

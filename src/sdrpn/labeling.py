@@ -57,6 +57,7 @@ class LabelSettings:
     max_new_tokens: int = 128
     queries: str | None = None  # "answer" (the generated tokens, released) or "prompt+answer" (+ the prefill row)
     head_weighting: str | None = None  # "head" (every listed head alike, released) or "layer" (mean of layer means)
+    prompt_style: str | None = None  # how prompts are written (default: the model's); training and answers follow
 
     def __post_init__(self) -> None:
         if self.sink_rule is not None and self.sink_rule not in SINK_RULES:
@@ -101,6 +102,7 @@ class LabelSettings:
                 "norm_layer": norm_layer,
                 "queries": self.queries or defaults.label_queries,
                 "head_weighting": self.head_weighting or defaults.head_weighting,
+                "prompt_style": self.prompt_style or getattr(adapter, "prompt_style", "chat_template"),
             }
         )
 
@@ -263,6 +265,7 @@ def generate_labels(
     `open_image(sample.image_path)` gives the RGB image; replace it for images that are not files. `data` is
     the data file's fingerprint: a resume with another file is refused unless `force`."""
     settings = (settings or LabelSettings()).resolved(adapter)
+    adapter.use_prompt_style(settings.prompt_style)
     cache = LabelCache(out_dir)
     with cache.lock():
         clean_stale_temporaries(cache.directory, ["shard-*.pt", SETTINGS_NAME], min_age=0)  # left by a kill

@@ -58,6 +58,7 @@ class RpnConfig:
     roi_settings: dict = field(default_factory=dict)  # inference defaults for this RPN (sdrpn.roi.RoiSettings)
     sdrpn_version: str = ""
     final_norm: bool = False  # a trainable copy of the final norm in front of the head (the released LLaVA RPN)
+    prompt_style: str = "chat_template"  # how the prompts it was trained on were written (answers use the same)
 
 
 class RegionProposalNetwork(nn.Module):
@@ -107,6 +108,7 @@ class RegionProposalNetwork(nn.Module):
             rpn_layers=rpn_layers,
             sdrpn_version=__version__,
             final_norm=bool(final_norm),
+            prompt_style=getattr(adapter, "prompt_style", "chat_template"),
         )
 
     @property
@@ -176,6 +178,7 @@ _CONFIG_TYPES = {
     "roi_settings": dict,
     "sdrpn_version": str,
     "final_norm": bool,
+    "prompt_style": str,
 }
 
 
@@ -223,6 +226,7 @@ def load_rpn(directory: str | Path, adapter: FamilyAdapter, *, allow_other_base:
     config = read_rpn_config(directory)
     if not allow_other_base:
         check_base(config, adapter, directory)
+    adapter.use_prompt_style(config.prompt_style)  # answers are prompted as the RPN was trained
     rpn = RegionProposalNetwork(adapter, config.frozen_layers, config.rpn_layers, config)
     weights = Path(directory) / WEIGHTS_NAME
     if not weights.is_file():

@@ -142,6 +142,8 @@ def train_rpn(
     `open_image(record["image"])` gives the RGB image, as in labelling."""
     settings = settings or TrainSettings()
     records, label_settings, _ = load_records(label_dir, settings.max_samples, settings.seed)
+    if label_settings.prompt_style:  # the RPN learns on the prompts the labels were made with
+        adapter.use_prompt_style(label_settings.prompt_style)
     out_dir = Path(out_dir)
     state_path = out_dir / STATE_NAME
     clean_stale_temporaries(out_dir, [STATE_NAME, WEIGHTS_NAME, CONFIG_NAME])  # older than a minute: left by a kill

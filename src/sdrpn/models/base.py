@@ -122,6 +122,7 @@ class FamilyDefaults:
     sink_rule: str = "norm"
     sink_heads: LayerHeads | None = None
     sink_threshold: float = 1e-3
+    prompt_style: str = "chat_template"  # how prompts are written: the checkpoint's template, or a family style
     rpn_final_norm: bool = False  # a copy of the final norm in the RPN's head (the released LLaVA RPN)
     learning_rate: float = 5e-5  # released RPN training (LLaVA-1.5); Qwen2.5-VL 1e-4
     effective_batch: int = 512  # samples per update (gradient accumulation fills it); Qwen2.5-VL 128
@@ -244,6 +245,11 @@ class FamilyAdapter(ABC):
     def prefix_hidden(self, batch: PromptBatch, num_layers: int) -> torch.Tensor:
         """Hidden states (B, T, D) after the first `num_layers` decoder layers (no final norm)."""
         return self.run_layers(self.input_embeddings(batch), batch, list(self.decoder_layers)[:num_layers])
+
+    def use_prompt_style(self, style: str) -> None:
+        """Write prompts in this style from now on (a family that has only its chat template refuses others)."""
+        if style != "chat_template":
+            raise SdrpnError(f"{self.family} prompts are written with the checkpoint's chat template, not {style!r}")
 
     @abstractmethod
     def input_parameters(self, frozen_layers: int) -> Iterator[tuple[str, torch.Tensor]]:

@@ -30,6 +30,11 @@ def padding_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+VICUNA_SYSTEM = (
+    "A chat between a curious human and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the human's questions."
+)
+
 # The released evaluation's RoI threshold per benchmark (reproduce.sh).
 LLAVA_TASK_TAU = {
     "textvqa": 0.15,
@@ -62,6 +67,7 @@ LLAVA_CHECKPOINTS = (
             sink_heads={2: None},
             roi=RoiSettings.released(),
             rpn_final_norm=True,
+            prompt_style="vicuna_v1",
             task_tau=LLAVA_TASK_TAU,
         ),
     ),
@@ -76,6 +82,7 @@ LLAVA_CHECKPOINTS = (
             sink_heads={16: [17, 22]},
             roi=RoiSettings.released(),
             rpn_final_norm=True,
+            prompt_style="vicuna_v1",
             task_tau=LLAVA_TASK_TAU,
         ),
     ),
@@ -84,12 +91,13 @@ LLAVA_CHECKPOINTS = (
 
 class LlavaAdapter(StockLayoutAdapter):
     family = "LLaVA-1.5"
+    prompt_styles = ("vicuna_v1", "chat_template")
     model_types = ("llava",)
     known_checkpoints = LLAVA_CHECKPOINTS
 
-    def __init__(self, model: nn.Module, processor, name_or_path: str, **options):
+    def __init__(self, model: nn.Module, processor, name_or_path: str, *, prompt_style: str | None = None, **options):
         self._refuse_options(options)
-        super().__init__(model, processor, name_or_path)
+        super().__init__(model, processor, name_or_path, prompt_style)
 
     @classmethod
     def from_pretrained(
@@ -99,6 +107,7 @@ class LlavaAdapter(StockLayoutAdapter):
         dtype: torch.dtype | None = None,
         device: str | None = None,
         revision: str | None = None,
+        prompt_style: str | None = None,
         **options,
     ):
         cls._refuse_options(options)
@@ -112,7 +121,7 @@ class LlavaAdapter(StockLayoutAdapter):
         if device:
             model.to(device)
         model.eval()
-        return cls(model, processor, str(name_or_path), **options)
+        return cls(model, processor, str(name_or_path), prompt_style=prompt_style, **options)
 
     @staticmethod
     def _refuse_options(options: dict) -> None:
@@ -143,6 +152,19 @@ class LlavaAdapter(StockLayoutAdapter):
         )
 
     # --- prompts -------------------------------------------------------------------------------
+    def _prompt(self, conversation: list[str], upto: int) -> str:
+        """The released evaluation's vicuna_v1 conversation (system prompt, `USER:` / `ASSISTANT:` turns, `</s>`
+        after each answer), or the checkpoint's own chat template (llava-hf's has no system prompt)."""
+        if self.prompt_style == "chat_template":
+            return super()._prompt(conversation, upto)
+        text = VICUNA_SYSTEM
+        for index, turn in enumerate(conversation[:upto]):
+            if index % 2 == 0:
+                text += f" USER: {'<image>' + chr(10) if index == 0 else ''}{turn}"
+            else:
+                text += f" ASSISTANT: {turn}</s>"
+        return text + " ASSISTANT:"
+
     def _fill_colour(self) -> tuple[int, int, int]:
         mean = getattr(self.processor.image_processor, "image_mean", None) or [0.5, 0.5, 0.5]
         return tuple(int(round(255 * m)) for m in mean)

@@ -161,8 +161,9 @@ class Qwen2_5_VLAdapter(StockLayoutAdapter):
         min_pixels: int | None = None,
         max_pixels: int | None = None,
         label_pixels: int | None = None,
+        prompt_style: str | None = None,
     ):
-        super().__init__(model, processor, name_or_path)
+        super().__init__(model, processor, name_or_path, prompt_style)
         defaults = self.defaults()
         self.min_pixels = min_pixels or defaults.min_pixels
         self.max_pixels = max_pixels or defaults.max_pixels
@@ -183,6 +184,7 @@ class Qwen2_5_VLAdapter(StockLayoutAdapter):
         min_pixels: int | None = None,
         max_pixels: int | None = None,
         label_pixels: int | None = None,
+        prompt_style: str | None = None,
     ):
         config = AutoConfig.from_pretrained(name_or_path, revision=revision)
         if config.model_type not in cls.model_types:
@@ -195,7 +197,13 @@ class Qwen2_5_VLAdapter(StockLayoutAdapter):
             model.to(device)
         model.eval()
         return cls(
-            model, processor, str(name_or_path), min_pixels=min_pixels, max_pixels=max_pixels, label_pixels=label_pixels
+            model,
+            processor,
+            str(name_or_path),
+            min_pixels=min_pixels,
+            max_pixels=max_pixels,
+            label_pixels=label_pixels,
+            prompt_style=prompt_style,
         )
 
     # --- defaults ------------------------------------------------------------------------------

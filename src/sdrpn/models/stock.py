@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -16,11 +17,23 @@ from sdrpn.models.base import AttentionShape, FamilyAdapter, PromptBatch
 
 
 class StockLayoutAdapter(FamilyAdapter):
-    """The shared half of an adapter; left padding, so batched decoding continues from every row's last token."""
+    """The shared half of an adapter; left padding, so batched decoding continues from every row's last token.
 
-    def __init__(self, model: nn.Module, processor, name_or_path: str):
+    `prompt_style` says how prompts are written: "chat_template" (the checkpoint's own template) or a style the
+    family offers (`prompt_styles`); labels, the RPN and answers must all use one, so it is recorded with them."""
+
+    prompt_styles: ClassVar[tuple[str, ...]] = ("chat_template",)
+
+    def __init__(self, model: nn.Module, processor, name_or_path: str, prompt_style: str | None = None):
         super().__init__(model, processor, name_or_path)
         processor.tokenizer.padding_side = "left"
+        self.prompt_style = prompt_style or self.defaults().prompt_style
+        self.use_prompt_style(self.prompt_style)
+
+    def use_prompt_style(self, style: str) -> None:
+        if style not in self.prompt_styles:
+            raise SdrpnError(f"{self.family} prompts are written as one of {self.prompt_styles}, not {style!r}")
+        self.prompt_style = style
 
     # --- prompts -------------------------------------------------------------------------------
     @property
