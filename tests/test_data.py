@@ -408,3 +408,14 @@ def test_subset_is_pinned_across_python_versions() -> None:
     """random.Random(seed).shuffle is stable; pinning it catches an accidental change of algorithm."""
     ids = [s.sample_id for s in shuffled_subset(_samples(6), None, seed=0)]
     assert ids == ["s4", "s2", "s1", "s0", "s5", "s3"]
+
+
+def test_sources_keep_the_image_folders_asked_for(root: Path) -> None:
+    for folder in ("gqa", "coco", "ocr_vqa"):
+        (root / folder).mkdir()
+        (root / folder / "x.jpg").write_bytes(b"")
+    records = [_llava(f"{folder}/x.jpg", f"Q {folder}?") for folder in ("gqa", "coco", "ocr_vqa")]
+    path = _write_json(root / "665k.json", records)
+    kept = read_samples(path, sources=["gqa", "ocr_vqa"]).samples
+    assert [s.question for s in kept] == ["Q gqa?", "Q ocr_vqa?"]
+    assert len(read_samples(path).samples) == 3

@@ -186,3 +186,29 @@ def test_a_kill_at_any_write_loses_nothing_and_duplicates_nothing(adapter, image
         got = [r["sample_id"] for r in LabelCache(out).records()]
         assert sorted(got) == sorted(expected) and len(got) == len(set(got))
         assert {r["sample_id"]: r["answer"] for r in LabelCache(out).records()} == expected
+
+
+def test_labels_from_the_datas_answers_make_the_model_say_them(adapter, image_folder):
+    """The paper's ablation: the teacher is made to say the data's answer; its attention while saying it is
+    the map (equal to eager attention over [prompt + that answer], as for its own answers)."""
+    from sdrpn.attention import teacher_attention
+    from sdrpn.data import Sample
+    from sdrpn.images import load_image
+    from sdrpn.labeling import _answer_ids
+
+    base = read_samples(image_folder / "data.jsonl").samples[:2]
+    samples = [Sample(s.sample_id, s.image_path, s.question, answer) for s, answer in zip(base, ["red", "top left"])]
+    batch = adapter.prepare([load_image(s.image_path) for s in samples], [[s.question] for s in samples])
+    forced = _answer_ids(adapter, samples)
+    output = teacher_attention(adapter, batch, {1: None}, max_new_tokens=5, forced_answers=forced)
+    assert output.answers == ["red", "top left"]
+    assert output.response_lengths.tolist() == [len(ids) for ids in forced]  # the answer, then EOS
+    report = generate_labels(
+        adapter,
+        [*samples, Sample("none", base[0].image_path, "where ?", None)],
+        image_folder / "gt",
+        LabelSettings(max_new_tokens=5, answers="dataset"),
+        progress=False,
+    )
+    assert report.labelled == 2 and "no answer in the data" in report.bad[0]
+    assert [r["answer"] for r in LabelCache(image_folder / "gt").records()] == ["red", "top left"]

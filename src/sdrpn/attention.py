@@ -14,7 +14,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
 import torch
-from transformers import AttentionInterface
+from transformers import AttentionInterface, LogitsProcessor, LogitsProcessorList
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
@@ -147,6 +147,20 @@ def _mean_over_steps(
     return (rows * active[..., None]).sum(1) / active.sum(1).clamp(min=1)[:, None]
 
 
+class ForcedAnswers(LogitsProcessor):
+    """Greedy decoding that can only choose each sample's given next token (its last one, EOS, repeats)."""
+
+    def __init__(self, answers: list[list[int]]):
+        self.answers = answers
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        step = input_ids.shape[1]  # generation from embeddings: input_ids holds the new tokens only
+        chosen = torch.tensor([a[min(step, len(a) - 1)] for a in self.answers], device=scores.device)
+        forced = torch.full_like(scores, float("-inf"))
+        forced[torch.arange(len(chosen), device=scores.device), chosen] = 0.0
+        return forced
+
+
 @torch.no_grad()
 def teacher_attention(
     adapter: FamilyAdapter,
@@ -158,8 +172,12 @@ def teacher_attention(
     sink_heads: LayerHeads | None = None,
     queries: str = "answer",
     head_weighting: str = "head",
+    forced_answers: list[list[int]] | None = None,
 ) -> TeacherOutput:
-    """Greedy-decode the model's own answer and average its response-to-image attention (paper 3.1)."""
+    """Greedy-decode the model's own answer and average its response-to-image attention (paper 3.1).
+
+    `forced_answers` (token ids per sample, ending with EOS) makes the model say those instead: the paper's
+    ablation that takes labels from the dataset's answers rather than the model's own."""
     layers = dict(label_heads)
     for layer, heads in (sink_heads or {}).items():
         if layer in layers and layers[layer] != heads:
@@ -170,7 +188,8 @@ def teacher_attention(
         norms = None
         if norm_layer is not None:
             norms = stack.enter_context(capture_hidden_norms(adapter, norm_layer, batch.visual_positions))
-        token_ids = adapter.generate(batch, max_new_tokens=max_new_tokens)
+        steer = LogitsProcessorList([ForcedAnswers(forced_answers)]) if forced_answers is not None else None
+        token_ids = adapter.generate(batch, max_new_tokens=max_new_tokens, logits_processor=steer)
     lengths = response_lengths(token_ids, adapter.eos_token_ids)
     if queries not in QUERIES or head_weighting not in HEAD_WEIGHTINGS:
         raise ValueError(f"queries must be one of {QUERIES} and head_weighting one of {HEAD_WEIGHTINGS}")

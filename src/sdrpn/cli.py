@@ -124,6 +124,17 @@ def build_parser() -> argparse.ArgumentParser:
     label.add_argument("--data", required=True, help="LLaVA instruction JSON or JSONL of {image, question}")
     label.add_argument("--out", required=True, help="label folder (re-running resumes)")
     label.add_argument("--image-root", default=None, help="folder image paths are relative to (default: the data's)")
+    label.add_argument(
+        "--source",
+        default=None,
+        help="keep only these image folders of the data, e.g. 'gqa,ocr_vqa' (the released labels' sources)",
+    )
+    label.add_argument(
+        "--answers",
+        choices=("model", "dataset"),
+        default="model",
+        help="label from the model's own answers (the paper's) or the data's answers (the paper's ablation)",
+    )
     label.add_argument("--max-samples", type=positive_int, default=None, help="seeded random subset (e.g. 10000)")
     label.add_argument("--seed", type=int, default=0)
     label.add_argument("--batch-size", type=positive_int, default=4)
@@ -259,6 +270,7 @@ def cmd_label(args) -> int:
         sink_threshold=args.sink_threshold,
         queries=args.queries,
         head_weighting=args.head_weighting,
+        answers=args.answers,
         tau_norm=args.tau_norm,
         fg=args.fg,
         bg=args.bg,
@@ -267,7 +279,8 @@ def cmd_label(args) -> int:
     )
     check_output_folder(args.out)
     check_device(args.device)
-    report = read_samples(args.data, args.image_root)
+    sources = [part.strip() for part in args.source.split(",") if part.strip()] if args.source else None
+    report = read_samples(args.data, args.image_root, sources=sources)
     samples = shuffled_subset(report.samples, args.max_samples, args.seed)
     adapter = _load_adapter(args)
     result = generate_labels(

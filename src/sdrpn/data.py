@@ -57,7 +57,13 @@ class _BadRecord(Exception):
     """Internal: why a record was skipped; becomes a `ReadReport.bad` line or an `SdrpnError`."""
 
 
-def read_samples(path: str | Path, image_root: str | Path | None = None, *, strict: bool = False) -> ReadReport:
+def read_samples(
+    path: str | Path,
+    image_root: str | Path | None = None,
+    *,
+    strict: bool = False,
+    sources: Iterable[str] | None = None,
+) -> ReadReport:
     """Read samples from `path`; image paths are relative to `image_root` (default: the file's folder).
 
     The format is detected from the content: a JSON list of records (LLaVA instruction format, or
@@ -67,6 +73,9 @@ def read_samples(path: str | Path, image_root: str | Path | None = None, *, stri
     its image path and question (stable when lines move); messages name 1-based line numbers for JSONL (as
     editors show them) and 0-based indices for a JSON list (as jq and Python index). A JSONL line that is not
     UTF-8 is skipped with a message; the rest is read.
+
+    `sources` keeps only records whose image path starts with one of these folders, as the released labels
+    were made from the LLaVA-665K file (`sources=["gqa", "ocr_vqa"]` keeps "gqa/images/..." and "ocr_vqa/...").
 
     Raises:
         SdrpnError: the file is missing, unreadable, empty or in neither format, the image root is not
@@ -78,7 +87,10 @@ def read_samples(path: str | Path, image_root: str | Path | None = None, *, stri
     root = _image_root(path.parent if image_root is None else Path(image_root))
     report = ReadReport(root=root)
     seen_ids: dict[str, str] = {}
+    wanted = None if sources is None else tuple(f"{source.strip('/')}/" for source in sources)
     for entry in _entries(text, label):
+        if wanted is not None and not _image_of(entry).startswith(wanted):
+            continue
         try:
             sample = _sample(entry, path.stem, root)
             _check_unique(sample.sample_id, entry.where, seen_ids)
@@ -198,6 +210,12 @@ def _sample(entry: _Entry, stem: str, root: Path) -> Sample:
         question=question,
         answer=answer,
     )
+
+
+def _image_of(entry: _Entry) -> str:
+    """The raw image path of a record (for the source filter), or "" when it has none."""
+    value = entry.value.get("image") if isinstance(entry.value, dict) else None
+    return value.lstrip("./") if isinstance(value, str) else ""
 
 
 def _content_key(image: str, question: str, turn: int = 0) -> str:

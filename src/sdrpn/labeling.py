@@ -38,6 +38,7 @@ except ImportError:  # Windows: no advisory locks; one writer per folder is then
 SETTINGS_NAME = "label_settings.json"
 LOCK_NAME = ".lock"
 SINK_RULES = ("norm", "attention", "none")
+ANSWER_SOURCES = ("model", "dataset")
 
 
 @dataclass
@@ -58,12 +59,15 @@ class LabelSettings:
     queries: str | None = None  # "answer" (the generated tokens, released) or "prompt+answer" (+ the prefill row)
     head_weighting: str | None = None  # "head" (every listed head alike, released) or "layer" (mean of layer means)
     prompt_style: str | None = None  # how prompts are written (default: the model's); training and answers follow
+    answers: str = "model"  # "model": its own greedy answers (the paper's); "dataset": the data's answers (ablation)
 
     def __post_init__(self) -> None:
         if self.sink_rule is not None and self.sink_rule not in SINK_RULES:
             raise SdrpnError(f"sink_rule must be one of {SINK_RULES}, got {self.sink_rule!r}")
         if self.queries is not None and self.queries not in QUERIES:
             raise SdrpnError(f"queries must be one of {QUERIES}, got {self.queries!r}")
+        if self.answers not in ANSWER_SOURCES:
+            raise SdrpnError(f"answers must be one of {ANSWER_SOURCES}, got {self.answers!r}")
         if self.head_weighting is not None and self.head_weighting not in HEAD_WEIGHTINGS:
             raise SdrpnError(f"head_weighting must be one of {HEAD_WEIGHTINGS}, got {self.head_weighting!r}")
         if not isinstance(self.label_heads, str):
@@ -229,6 +233,12 @@ class LabelCache:
                     fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def _answer_ids(adapter: FamilyAdapter, samples: list[Sample]) -> list[list[int]]:
+    """The data's answers as the model's tokens, each ending with EOS (what the model is made to say)."""
+    eos = adapter.eos_token_ids[0]
+    return [adapter.tokenizer(s.answer.strip(), add_special_tokens=False)["input_ids"] + [eos] for s in samples]
+
+
 def _record(sample: Sample, index: int, output) -> dict:
     """One sample's labels and what made them; every map is on the sample's own grid (recorded too)."""
     raw = output.roi_maps[index].to(torch.float32).cpu()
@@ -278,6 +288,9 @@ def generate_labels(
         for start in range(0, len(todo), batch_size):
             chunk, images = [], []
             for sample in todo[start : start + batch_size]:
+                if settings.answers == "dataset" and not (sample.answer or "").strip():
+                    report.bad.append(f"{sample.sample_id}: no answer in the data (labels from the data's answers)")
+                    continue
                 try:
                     images.append(open_image(sample.image_path))
                     chunk.append(sample)
@@ -294,6 +307,7 @@ def generate_labels(
                     sink_heads=settings.sink_heads if settings.sink_rule == "attention" else None,
                     queries=settings.queries,
                     head_weighting=settings.head_weighting,
+                    forced_answers=_answer_ids(adapter, chunk) if settings.answers == "dataset" else None,
                 )
                 for index, sample in enumerate(chunk):
                     record = _record(sample, index, output)

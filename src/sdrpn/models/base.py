@@ -279,8 +279,10 @@ class FamilyAdapter(ABC):
         batch: PromptBatch,
         crops: list[list[CropTokens]] | None = None,
         max_new_tokens: int = 128,
+        logits_processor=None,
     ) -> torch.Tensor:
-        """Greedy-decode; the crops of sample i go right after its image tokens, in order.
+        """Greedy-decode; the crops of sample i go right after its image tokens, in order. `logits_processor`
+        (a transformers `LogitsProcessorList`) may steer decoding, e.g. to a given answer.
         Returns the new token ids (B, L), padded with the pad id after EOS."""
 
     @abstractmethod

@@ -233,6 +233,7 @@ class LlavaAdapter(StockLayoutAdapter):
         batch: PromptBatch,
         crops: list[list[CropTokens]] | None = None,
         max_new_tokens: int = 128,
+        logits_processor=None,
     ) -> torch.Tensor:
         """LLaVA-1.5 takes a crop's kept tokens right after the image's, with no markers (released code)."""
         embeds = self.input_embeddings(batch)
@@ -250,6 +251,7 @@ class LlavaAdapter(StockLayoutAdapter):
             do_sample=False,
             num_beams=1,
             pad_token_id=self.tokenizer.pad_token_id,
+            logits_processor=logits_processor,
         )
 
     def _insert_after_image(self, embeds, attention_mask, batch: PromptBatch, extra: list[torch.Tensor]):

@@ -384,6 +384,7 @@ class Qwen2_5_VLAdapter(StockLayoutAdapter):
         batch: PromptBatch,
         crops: list[list[CropTokens]] | None = None,
         max_new_tokens: int = 128,
+        logits_processor=None,
     ) -> torch.Tensor:
         """Greedy decoding from our embeddings and 3-D positions. `generate` extends the positions by one per
         new token from the last prompt token's, which (text, after every image) holds the largest position:
@@ -412,6 +413,7 @@ class Qwen2_5_VLAdapter(StockLayoutAdapter):
             do_sample=False,
             num_beams=1,
             pad_token_id=self.tokenizer.pad_token_id,
+            logits_processor=logits_processor,
         )
 
 
