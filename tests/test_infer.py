@@ -543,3 +543,49 @@ def test_masked_crop_keeps_the_positions_of_its_kept_tokens():
     )
     assert torch.equal(positions, expected)
     assert embeds.shape[0] == positions.shape[1] == whole_positions.shape[1] - int((~keep).sum())
+
+
+# --- the released stage 2 (LLaVA get_batched_sub_images), on hand-made maps -----------------------------------
+
+
+def _released_zoom(adapter, grid: np.ndarray, upscale: str, monkeypatch) -> Zoom:
+    roi = RoiSettings(tau=0.5, sigma=0.0, max_side_frac=1.0, max_tokens=225, grow_rule="released", crop_rule="released")
+    zoom = Zoom(adapter, settings=InferSettings(method="base", upscale=upscale, roi=roi, max_new_tokens=NEW_TOKENS))
+    monkeypatch.setattr(zoom, "roi_maps", lambda batch, method: [grid] * batch.size)
+    monkeypatch.setitem(sdrpn.infer.METHODS, "base", replace(sdrpn.infer.METHODS["base"], upscale=None))
+    return zoom
+
+
+def test_released_stage2_one_region_is_a_stretched_box_whatever_the_upscale(llava_adapter, monkeypatch):
+    image = random_images(1, seed=3, size=(120, 80))[0]
+    grid = np.zeros((4, 4))
+    grid[1, 1:3] = 0.9
+    (prediction,) = _released_zoom(llava_adapter, grid, "mask", monkeypatch).predict_roi([image], ["where ?"])
+    zoom = _released_zoom(llava_adapter, grid, "mask", monkeypatch)
+    (crop,) = zoom.crop_tokens(image, prediction, "mask")
+    stretched = image.crop(prediction.boxes[0]).resize((64, 64), Image.BILINEAR)
+    (expected,), _ = llava_adapter.encode_crops([stretched])  # a square: padding changes nothing
+    assert crop.keep is None and crop.kept == 16
+    torch.testing.assert_close(crop.features, expected.features)
+
+
+def test_released_stage2_two_regions_mask_the_whole_map_resized_bilinearly(llava_adapter, monkeypatch):
+    image = random_images(1, seed=3, size=(120, 120))[0]
+    grid = np.zeros((4, 4))
+    grid[0, 0:2] = 0.9
+    grid[2, 1:3] = 0.9  # two components; the mask's box is rows 0-2, columns 0-2
+    zoom = _released_zoom(llava_adapter, grid, "mask", monkeypatch)
+    (prediction,) = zoom.predict_roi([image], ["where ?"])
+    assert len(prediction.boxes) == 2 and prediction.union_box == (0, 0, 90, 90)
+    (crop,) = zoom.crop_tokens(image, prediction, "mask")
+    cut = torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 0.0], [0.0, 1.0, 1.0]])
+    expected = torch.nn.functional.interpolate(cut[None, None], size=(4, 4), mode="bilinear", align_corners=False)
+    assert torch.equal(crop.keep, (expected[0, 0] > 0.5).reshape(-1))
+    assert 0 < crop.kept < 16
+    three = np.zeros((4, 4))
+    three[0, 0:2] = three[2:4, 0] = three[2, 2:4] = (
+        0.9  # three components: box upscaling of more than two crops nothing
+    )
+    boxes_zoom = _released_zoom(llava_adapter, three, "box", monkeypatch)
+    (result,) = boxes_zoom.ask_batch([image], ["where ?"])
+    assert len(result.boxes) == 3 and result.extra_tokens == 0

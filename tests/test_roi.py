@@ -495,7 +495,7 @@ def test_released_rule_drops_components_of_more_than_225_tokens_whatever_their_s
     line[3, :] = 1.0  # 24 tokens wide: a side over 15 is no reason to drop it any more
     assert find_regions(line, RELEASED_NO_BLUR).boxes == [(3, 0, 4, 24)]
     assert RoiSettings.released(tau=0.1) == RoiSettings(
-        tau=0.1, max_side_frac=1.0, max_tokens=225, grow_rule="released"
+        tau=0.1, max_side_frac=1.0, max_tokens=225, grow_rule="released", crop_rule="released"
     )
     with pytest.raises(SdrpnError, match="grow_rule"):
         RoiSettings(grow_rule="sideways")

@@ -77,6 +77,7 @@ class RoiPrediction:
     union_box: PixelBox | None  # the masked-upscaling crop
     geometry: Geometry
     windowed: bool = False  # boxes are windows (pixel regions), not the regions' token boxes
+    released_mask: np.ndarray | None = None  # the released masked upscaling's mask: the whole smoothed map > tau
 
 
 @dataclass
@@ -135,7 +136,11 @@ class Zoom:
     def regions(self, maps: list[np.ndarray], batch: PromptBatch, method: str) -> list[RoiPrediction]:
         """Post-process each map on its own grid into regions and original-image boxes."""
         predictions = []
+        released = self.settings.roi.crop_rule == "released" and not METHODS[method].one_window
         for probability, geometry in zip(maps, batch.geometries):
+            if released:  # the released code, padding included
+                predictions.append(self._released_regions(probability, geometry))
+                continue
             on_image = image_cells(geometry)  # never a region on pad-to-square padding
             probability = np.where(on_image, probability, 0.0)
             if METHODS[method].one_window:
@@ -155,6 +160,18 @@ class Zoom:
             predictions.append(RoiPrediction(probability, regions, boxes, union, geometry, windowed))
         return predictions
 
+    def _released_regions(self, probability: np.ndarray, geometry: Geometry) -> RoiPrediction:
+        """The released stage 1 and the mask its masked upscaling crops: every cell of the smoothed map above tau
+        (not only the kept components), its bounding box the crop."""
+        regions = find_regions(probability, self.settings.roi)
+        mask = regions.probability > self.settings.roi.tau
+        boxes = [grid_box_to_pixels(b, geometry) for b in regions.boxes]
+        union = None
+        if mask.any():
+            rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+            union = grid_box_to_pixels((rows[0], cols[0], rows[-1] + 1, cols[-1] + 1), geometry)
+        return RoiPrediction(regions.probability, regions, boxes, union, geometry, released_mask=mask)
+
     def predict_roi(self, images, questions, method: str | None = None) -> list[RoiPrediction]:
         """Boxes and maps without generating (to put in front of another serving stack)."""
         method, _ = self._resolve(method, None)
@@ -170,6 +187,8 @@ class Zoom:
     def crop_tokens(self, image: Image.Image, prediction: RoiPrediction, upscale: str) -> list[CropTokens]:
         """The crops of one image: one per box with all its tokens, or one crop of all regions whose tokens
         outside the RoI are marked as not kept (masked upscaling)."""
+        if prediction.released_mask is not None:
+            return self._released_crops(image, prediction, upscale)
         if upscale == "box":
             crops, _ = self.adapter.encode_crops([image.crop(box) for box in prediction.boxes])
             return crops
@@ -180,6 +199,24 @@ class Zoom:
         else:
             keep = crop_token_mask(prediction.regions.mask, prediction.geometry, box, geometries[0])
         return [replace(crops[0], keep=torch.from_numpy(keep.reshape(-1)))]
+
+    def _released_crops(self, image: Image.Image, prediction: RoiPrediction, upscale: str) -> list[CropTokens]:
+        """The released stage 2 (LLaVA `get_batched_sub_images`): one region, or box upscaling, -> each box
+        stretched to the encoder's square input, all its tokens (more than two boxes -> no crop); two or more
+        regions with masked upscaling -> the box around the whole mask, stretched, and the mask cut to it, resized
+        bilinearly to the crop's grid, kept where > 0.5."""
+        boxes = prediction.boxes
+        if upscale == "box" or len(boxes) < 2:
+            if len(boxes) > 2:
+                return []
+            crops, _ = self.adapter.encode_crops([image.crop(box) for box in boxes], stretch=True)
+            return crops
+        (crop,), _ = self.adapter.encode_crops([image.crop(prediction.union_box)], stretch=True)
+        mask = prediction.released_mask
+        rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+        cut = torch.from_numpy(mask[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1].astype(np.float32))
+        resized = torch.nn.functional.interpolate(cut[None, None], size=crop.grid, mode="bilinear", align_corners=False)
+        return [replace(crop, keep=(resized[0, 0] > 0.5).reshape(-1))]
 
     def ask_batch(self, images, questions, method: str | None = None, upscale: str | None = None) -> list[ZoomResult]:
         """Answer a batch; every sample's answer equals what it gets alone (left padding, real positions)."""
@@ -414,7 +451,10 @@ def load(
             raise SdrpnError(f"unknown task {task!r} for this model; known: {', '.join(sorted(presets)) or 'none'}")
         roi = replace(roi, tau=presets[task])
     roi = roi if tau is None else replace(roi, tau=tau)  # the RPN's own defaults, then the caller's choices
-    roi = roi if window is None else replace(roi, window=window)
+    if window:  # windows are sdrpn's own crops: they take its stage 2
+        roi = replace(roi, window=window, crop_rule="sdrpn")
+    elif window is not None:
+        roi = replace(roi, window=window)
     settings = InferSettings(
         method=method or ("sdrpn" if network is not None else "base"),
         upscale=upscale,

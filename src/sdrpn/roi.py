@@ -172,6 +172,7 @@ class Geometry:
 
 
 GROW_RULES = ("centred", "released")
+CROP_RULES = ("sdrpn", "released")
 
 
 @dataclass(frozen=True)
@@ -191,14 +192,15 @@ class RoiSettings:
     window: float = 0.0  # > 0: crop a square of this many tokens centred on each region's mass (see windows_px)
     max_tokens: int = 0  # > 0: drop components of more tokens than this (the released rule: 225 on 24 x 24)
     grow_rule: str = "centred"  # "centred" (sdrpn) or "released" (the released code's integer arithmetic)
+    crop_rule: str = "sdrpn"  # stage 2: "sdrpn" (padded crops, component masks) or "released" (see Zoom.crop_tokens)
 
     @classmethod
     def released(cls, tau: float = 0.15) -> RoiSettings:
         """The released LLaVA-1.5 stage-1 rule (`get_bbox_from_noisy_map`): blur (kernel 3, sigma 1), `> tau`,
         8-connected components, 1-token components dropped, those under 4 tokens grown to >= 3 x 3 with the
         released integer arithmetic (a grown box may not reach the last row or column), components of more
-        than 225 tokens dropped, no limit on a box's side."""
-        return cls(tau=tau, max_side_frac=1.0, max_tokens=225, grow_rule="released")
+        than 225 tokens dropped, no limit on a box's side; and its stage 2 (`crop_rule="released"`)."""
+        return cls(tau=tau, max_side_frac=1.0, max_tokens=225, grow_rule="released", crop_rule="released")
 
     def __post_init__(self) -> None:
         tau = self._real("tau")
@@ -232,6 +234,8 @@ class RoiSettings:
             raise SdrpnError(f"max_tokens must be an integer >= 0 (0 = no limit), got {self.max_tokens!r}")
         if self.grow_rule not in GROW_RULES:
             raise SdrpnError(f"grow_rule must be one of {GROW_RULES}, got {self.grow_rule!r}")
+        if self.crop_rule not in CROP_RULES:
+            raise SdrpnError(f"crop_rule must be one of {CROP_RULES}, got {self.crop_rule!r}")
 
     def _integer(self, name: str) -> int | None:
         """The field as an int (stored back as a Python int if it was e.g. 3.0 or a numpy int), or None."""

@@ -266,8 +266,12 @@ class FamilyAdapter(ABC):
         """(width, height) in pixels of what the vision tower saw for an image of this geometry."""
 
     @abstractmethod
-    def encode_crops(self, crops: list[Image.Image]) -> tuple[list[CropTokens], list[Geometry]]:
-        """Visual tokens of each crop image as stage 2 feeds them, and how each lies on its grid."""
+    def encode_crops(
+        self, crops: list[Image.Image], *, stretch: bool = False
+    ) -> tuple[list[CropTokens], list[Geometry]]:
+        """Visual tokens of each crop image as stage 2 feeds them, and how each lies on its grid. `stretch`
+        resizes a crop to a fixed-size input without keeping its aspect (the released LLaVA stage 2); families
+        whose input follows the aspect ratio ignore it."""
 
     @abstractmethod
     def input_embeddings(self, batch: PromptBatch) -> torch.Tensor:

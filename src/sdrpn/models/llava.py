@@ -210,12 +210,19 @@ class LlavaAdapter(StockLayoutAdapter):
         side = self.model.config.vision_config.image_size
         return side, side
 
-    def encode_crops(self, crops: list[Image.Image]) -> tuple[list[CropTokens], list[Geometry]]:
-        fill = self._fill_colour()
-        squares = [pad_to_square(image, fill) for image in crops]
+    def encode_crops(
+        self, crops: list[Image.Image], *, stretch: bool = False
+    ) -> tuple[list[CropTokens], list[Geometry]]:
+        """Crops padded to a square (sdrpn), or stretched to the square input (the released stage 2)."""
+        size = self.model.config.vision_config.image_size
+        if stretch:
+            squares = [image.resize((size, size), Image.BILINEAR) for image in crops]
+        else:
+            squares = [pad_to_square(image, self._fill_colour()) for image in crops]
         features = self._image_features(self.processor.image_processor(squares, return_tensors="pt")["pixel_values"])
         side = int(round(features[0].shape[0] ** 0.5))
-        geometries = [Geometry.pad_to_square(*image.size, side, side) for image in crops]
+        make = Geometry.identity if stretch else Geometry.pad_to_square
+        geometries = [make(*image.size, side, side) for image in crops]
         return [CropTokens(f, (side, side)) for f in features], geometries
 
     @torch.no_grad()

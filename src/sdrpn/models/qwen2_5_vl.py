@@ -316,7 +316,9 @@ class Qwen2_5_VLAdapter(StockLayoutAdapter):
     def input_size(self, geometry: Geometry) -> tuple[int, int]:
         return geometry.grid_width * TOKEN_PIXELS, geometry.grid_height * TOKEN_PIXELS
 
-    def encode_crops(self, crops: list[Image.Image]) -> tuple[list[CropTokens], list[Geometry]]:
+    def encode_crops(
+        self, crops: list[Image.Image], *, stretch: bool = False
+    ) -> tuple[list[CropTokens], list[Geometry]]:
         """Each crop at the image's own pixel budget, aspect kept (a crop under one token is grown to it)."""
         grown = self._layout(crops, training=False)
         try:
