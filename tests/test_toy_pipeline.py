@@ -42,6 +42,21 @@ def test_toy_images_round_trip_through_references():
     assert pipeline.open_toy_image(pipeline.toy_reference(several)).tobytes() == several.image.tobytes()
     mixed = pipeline.label_scenes(8, seed=3, binding_frac=0.25)
     assert [s.attrs["objects"] for s in mixed] == [1] * 6 + [3] * 2
+    wide = world.render_sample(11, "fine", aspect=(16, 9))
+    assert pipeline.toy_reference(wide).endswith(":1:16x9")
+    assert pipeline.open_toy_image(pipeline.toy_reference(wide)).tobytes() == wide.image.tobytes()
+    shapes = {s.image.size for s in pipeline.label_scenes(5, seed=3, aspects=world.ASPECTS)}
+    assert len(shapes) == 5  # every aspect ratio of the world
+
+
+def test_dynamic_resolution_toy_models_see_every_aspect_ratio(llava_adapter):
+    from tests.conftest import build_tiny
+
+    assert pipeline.toy_aspects(llava_adapter) is None
+    model, processor = build_tiny("qwen")
+    from sdrpn.models import wrap_model
+
+    assert pipeline.toy_aspects(wrap_model(model, processor, "q")) == world.ASPECTS
 
 
 def test_demo_runs_and_writes_overlays(shipped, tmp_path, capsys):

@@ -85,7 +85,7 @@ def run_toy_bench(
     def labelled() -> Path:
         pipeline.generate_labels(
             adapter,
-            pipeline.as_samples(pipeline.label_scenes(label_samples)),
+            pipeline.as_samples(pipeline.label_scenes(label_samples, aspects=pipeline.toy_aspects(adapter))),
             label_dir,
             pipeline.toy_label_settings(model_dir),
             batch_size=32,
@@ -98,7 +98,8 @@ def run_toy_bench(
     else:
         network = _train(adapter, labelled(), work / SDRPN_DIR)
     zoom = pipeline.make_zoom(adapter, network)
-    samples = world.make_samples(n, seed)
+    aspects = pipeline.toy_aspects(adapter)
+    samples = world.make_samples(n, seed, aspects=aspects)
     tag = f"seed{seed}-n{n}"
 
     def main_methods() -> dict:
@@ -113,6 +114,7 @@ def run_toy_bench(
         "methods": methods,
         "roi_stage_cost_sdrpn_over_vicrop": _ratio(methods, "sdrpn_mask", "vicrop"),
         "roi_settings": asdict(pipeline.TOY_ROI),
+        "aspects": [list(a) for a in aspects] if aspects else [[1, 1]],
     }
     if binding:
         result["binding"] = _cached(work / f"binding-seed{seed}-n{binding}.json", lambda: _binding(zoom, seed, binding))

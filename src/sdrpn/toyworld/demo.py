@@ -35,7 +35,8 @@ def run_demo(
         adapter, network = pipeline.load_toy(model)
     zoom = pipeline.make_zoom(adapter, network)
     print(f"scenes from seed {seed} (reproduce: sdrpn demo --seed {seed})\n")
-    shown = world.make_samples(scenes, seed, qtypes="fine")
+    aspects = pipeline.toy_aspects(adapter)
+    shown = world.make_samples(scenes, seed, qtypes="fine", aspects=aspects)
     base = zoom.ask_batch([s.image for s in shown], [s.question for s in shown], method="base")
     zoomed = zoom.ask_batch([s.image for s in shown], [s.question for s in shown], method="sdrpn")
     for index, (sample, plain, looked) in enumerate(zip(shown, base, zoomed)):
@@ -52,7 +53,7 @@ def run_demo(
             f"   base: {plain.answer:<8} sdrpn: {looked.answer:<8} truth: {sample.answer:<8} "
             f"looked at {looked.boxes or 'nothing'} -> {picture}"
         )
-    table = _accuracy_table(zoom, world.make_samples(eval_scenes, seed + 1))
+    table = _accuracy_table(zoom, world.make_samples(eval_scenes, seed + 1, aspects=aspects))
     print(f"\naccuracy on {eval_scenes} more scenes (seed {seed + 1}):\n{table}")
     print(f"\ndone in {time.perf_counter() - started:.0f} s; overlays in {out_dir}/")
     return {"seed": seed}

@@ -91,20 +91,33 @@ def load_toy_model(model: str | Path = "toy") -> FamilyAdapter:
 
 
 def toy_reference(sample: world.ToySample) -> str:
+    """'toy:<seed>:<qtype>', then ':<objects>' for several objects and ':<w>x<h>' for a scene that is not square."""
     objects = sample.attrs.get("objects", 1)
-    return f"toy:{sample.seed}:{sample.qtype}" + (f":{objects}" if objects > 1 else "")
+    aspect = sample.attrs.get("aspect")
+    reference = f"toy:{sample.seed}:{sample.qtype}" + (f":{objects}" if objects > 1 or aspect else "")
+    return reference + (f":{aspect[0]}x{aspect[1]}" if aspect else "")
 
 
 def open_toy_image(reference: str | Path) -> Image.Image:
-    _, seed, _, *objects = str(reference).split(":")
-    return world.render_scene(int(seed), objects=int(objects[0]) if objects else 1).image
+    _, seed, _, *rest = str(reference).split(":")
+    objects = int(rest[0]) if rest else 1
+    aspect = tuple(int(v) for v in rest[1].split("x")) if len(rest) > 1 else (1, 1)
+    return world.render_scene(int(seed), objects=objects, aspect=aspect).image
 
 
-def label_scenes(samples: int, seed: int = TOY_LABEL_SEED, binding_frac: float = TOY_BINDING_FRAC) -> list:
+def toy_aspects(adapter: FamilyAdapter) -> list[tuple[int, int]] | None:
+    """The scene shapes a toy model is shown: every aspect ratio of the world for a family whose resolution
+    follows the image (Qwen2.5-VL), square scenes for a fixed square input (LLaVA)."""
+    return world.ASPECTS if adapter.defaults().min_pixels is not None else None
+
+
+def label_scenes(
+    samples: int, seed: int = TOY_LABEL_SEED, binding_frac: float = TOY_BINDING_FRAC, aspects=None
+) -> list:
     """The self-distillation scenes: one object each, and a ``binding_frac`` share of scenes of three objects
-    whose questions name the target by its colour."""
+    whose questions name the target by its colour; ``aspects`` cycles their shapes (None: square)."""
     named = int(round(samples * binding_frac))
-    single = world.make_samples(samples - named, seed)
+    single = world.make_samples(samples - named, seed, aspects=aspects)
     return single + world.make_samples(named, seed + 1, objects=world.MAX_OBJECTS) if named else single
 
 
@@ -128,7 +141,7 @@ def self_distill(
     layers default to those the model's own recipe log gives (`toy_label_settings`)."""
     work_dir = Path(work_dir)
     label_dir = Path(label_dir) if label_dir else work_dir / "labels"
-    toy = label_scenes(samples, seed, binding_frac)
+    toy = label_scenes(samples, seed, binding_frac, toy_aspects(adapter))
     generate_labels(
         adapter,
         as_samples(toy),
@@ -162,10 +175,10 @@ def _batched(items: list, size: int):
         yield items[start : start + size]
 
 
-def tiles(size: int, per_side: int = 4) -> list[PixelBox]:
-    """The scene cut into per_side x per_side tiles: 'full resolution' as extra visual tokens."""
-    step = size // per_side
-    return [(c * step, r * step, (c + 1) * step, (r + 1) * step) for r in range(per_side) for c in range(per_side)]
+def tiles(size: tuple[int, int], per_side: int = 4) -> list[PixelBox]:
+    """The scene (width, height) cut into per_side x per_side tiles: 'full resolution' as extra visual tokens."""
+    dx, dy = size[0] // per_side, size[1] // per_side
+    return [(c * dx, r * dy, (c + 1) * dx, (r + 1) * dy) for r in range(per_side) for c in range(per_side)]
 
 
 Runner = Callable[[Zoom, list[world.ToySample]], list]
@@ -186,7 +199,7 @@ def method_runners(oracle_scale: float = 2.0) -> dict[str, Runner]:
     return {
         "base": zoom_method("base"),
         "full_resolution": lambda zoom, s: zoom.ask_with_boxes(
-            images(s), questions(s), [tiles(x.image.size[0]) for x in s]
+            images(s), questions(s), [tiles(x.image.size) for x in s]
         ),
         "oracle_crop": lambda zoom, s: zoom.ask_with_boxes(
             images(s), questions(s), [[world.oracle_crop_box(x, oracle_scale)] for x in s]
