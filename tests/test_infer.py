@@ -589,3 +589,28 @@ def test_released_stage2_two_regions_mask_the_whole_map_resized_bilinearly(llava
     boxes_zoom = _released_zoom(llava_adapter, three, "box", monkeypatch)
     (result,) = boxes_zoom.ask_batch([image], ["where ?"])
     assert len(result.boxes) == 3 and result.extra_tokens == 0
+
+
+def test_released_qwen_stage2_crops_every_cell_above_tau_once(monkeypatch):
+    """Released Qwen2.5-VL: no components; one crop around all cells above tau, at the image's pixel budget,
+    its tokens kept where the mask resized bilinearly is above 0.5; the top-left strip is zeroed on big grids."""
+    model, processor = build_tiny("qwen")
+    adapter = wrap_model(model, processor, "tiny-qwen")
+    image = random_images(1, seed=3, size=(168, 168))[0]
+    roi = replace(RoiSettings.released_qwen(tau=0.5), sigma=0.0)
+    zoom = Zoom(adapter, settings=InferSettings(method="base", upscale="box", roi=roi, max_new_tokens=NEW_TOKENS))
+    grid = np.zeros((6, 6))
+    grid[0, 0:2] = grid[3, 4] = 0.9  # two separate blobs: still one region
+    monkeypatch.setattr(zoom, "roi_maps", lambda batch, method: [grid] * batch.size)
+    monkeypatch.setitem(sdrpn.infer.METHODS, "base", replace(sdrpn.infer.METHODS["base"], upscale=None))
+    (prediction,) = zoom.predict_roi([image], ["where ?"])
+    assert prediction.regions.boxes == [(0, 0, 4, 5)] and prediction.union_box == (0, 0, 140, 112)
+    (crop,) = zoom.crop_tokens(image, prediction, "box")  # even with box upscaling
+    cut = torch.from_numpy(grid[0:4, 0:5] > 0.5).float()
+    expected = torch.nn.functional.interpolate(cut[None, None], size=crop.grid, mode="bilinear", align_corners=False)
+    assert torch.equal(crop.keep, (expected[0, 0] > 0.5).reshape(-1))
+    big = np.zeros((30, 30))
+    big[0:3, 0] = 0.9  # 900 tokens > 768: the released strip is zeroed, nothing is left
+    monkeypatch.setattr(zoom, "roi_maps", lambda batch, method: [big] * batch.size)
+    (prediction,) = zoom.predict_roi([image], ["where ?"])
+    assert prediction.boxes == []

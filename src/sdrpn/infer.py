@@ -163,13 +163,24 @@ class Zoom:
     def _released_regions(self, probability: np.ndarray, geometry: Geometry) -> RoiPrediction:
         """The released stage 1 and the mask its masked upscaling crops: every cell of the smoothed map above tau
         (not only the kept components), its bounding box the crop."""
-        regions = find_regions(probability, self.settings.roi)
-        mask = regions.probability > self.settings.roi.tau
-        boxes = [grid_box_to_pixels(b, geometry) for b in regions.boxes]
+        roi = self.settings.roi
+        probability = np.asarray(probability, dtype=np.float64)
+        if roi.zero_corner_above and probability.size > roi.zero_corner_above:  # the released Qwen sink strip
+            probability = probability.copy()
+            probability[: probability.shape[0] // 4, :1] = 0.0
+            probability[:1, : probability.shape[1] // 4] = 0.0
+        regions = find_regions(probability, roi)
+        mask = regions.probability > roi.tau
         union = None
         if mask.any():
             rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
-            union = grid_box_to_pixels((rows[0], cols[0], rows[-1] + 1, cols[-1] + 1), geometry)
+            whole = (int(rows[0]), int(cols[0]), int(rows[-1]) + 1, int(cols[-1]) + 1)
+            union = grid_box_to_pixels(whole, geometry)
+            if not roi.components:  # one region: every cell above tau
+                regions = RoiRegions(regions.probability, mask, [whole])
+        elif not roi.components:
+            regions = RoiRegions(regions.probability, mask, [])
+        boxes = [grid_box_to_pixels(b, geometry) for b in regions.boxes]
         return RoiPrediction(regions.probability, regions, boxes, union, geometry, released_mask=mask)
 
     def predict_roi(self, images, questions, method: str | None = None) -> list[RoiPrediction]:
@@ -204,9 +215,10 @@ class Zoom:
         """The released stage 2 (LLaVA `get_batched_sub_images`): one region, or box upscaling, -> each box
         stretched to the encoder's square input, all its tokens (more than two boxes -> no crop); two or more
         regions with masked upscaling -> the box around the whole mask, stretched, and the mask cut to it, resized
-        bilinearly to the crop's grid, kept where > 0.5."""
+        bilinearly to the crop's grid, kept where > 0.5. Without components (Qwen2.5-VL) always the latter, the
+        crop at the image's own pixel budget."""
         boxes = prediction.boxes
-        if upscale == "box" or len(boxes) < 2:
+        if self.settings.roi.components and (upscale == "box" or len(boxes) < 2):
             if len(boxes) > 2:
                 return []
             crops, _ = self.adapter.encode_crops([image.crop(box) for box in boxes], stretch=True)

@@ -193,6 +193,8 @@ class RoiSettings:
     max_tokens: int = 0  # > 0: drop components of more tokens than this (the released rule: 225 on 24 x 24)
     grow_rule: str = "centred"  # "centred" (sdrpn) or "released" (the released code's integer arithmetic)
     crop_rule: str = "sdrpn"  # stage 2: "sdrpn" (padded crops, component masks) or "released" (see Zoom.crop_tokens)
+    components: bool = True  # False: no components, one region around every cell above tau (released Qwen2.5-VL)
+    zero_corner_above: int = 0  # > 0: on grids of more tokens, zero the released top-left strip (Qwen2.5-VL: 768)
 
     @classmethod
     def released(cls, tau: float = 0.15) -> RoiSettings:
@@ -201,6 +203,13 @@ class RoiSettings:
         released integer arithmetic (a grown box may not reach the last row or column), components of more
         than 225 tokens dropped, no limit on a box's side; and its stage 2 (`crop_rule="released"`)."""
         return cls(tau=tau, max_side_frac=1.0, max_tokens=225, grow_rule="released", crop_rule="released")
+
+    @classmethod
+    def released_qwen(cls, tau: float = 0.1) -> RoiSettings:
+        """The released Qwen2.5-VL rule (`qwen_src/mm_utils.py`): on grids of more than 768 tokens the top-left
+        strip is zeroed (first quarter of column 0 and of row 0), blur, `> tau`, no components: one crop around
+        every cell above tau, its tokens kept where the mask resized bilinearly is above 0.5."""
+        return cls(tau=tau, max_side_frac=1.0, crop_rule="released", components=False, zero_corner_above=768)
 
     def __post_init__(self) -> None:
         tau = self._real("tau")
@@ -236,6 +245,11 @@ class RoiSettings:
             raise SdrpnError(f"grow_rule must be one of {GROW_RULES}, got {self.grow_rule!r}")
         if self.crop_rule not in CROP_RULES:
             raise SdrpnError(f"crop_rule must be one of {CROP_RULES}, got {self.crop_rule!r}")
+        if not isinstance(self.components, bool):
+            raise SdrpnError(f"components must be True or False, got {self.components!r}")
+        corner = self._integer("zero_corner_above")
+        if corner is None or corner < 0:
+            raise SdrpnError(f"zero_corner_above must be an integer >= 0, got {self.zero_corner_above!r}")
 
     def _integer(self, name: str) -> int | None:
         """The field as an int (stored back as a Python int if it was e.g. 3.0 or a numpy int), or None."""

@@ -117,7 +117,7 @@ def _qwen_defaults(frozen: int, text_rich: dict, natural: dict, natural_sinks: d
         sink_rule="attention",
         sink_heads=natural_sinks,
         sink_threshold=1e-2,
-        roi=RoiSettings(tau=0.1),
+        roi=RoiSettings.released_qwen(),
         task_tau=QWEN_TASK_TAU,
         learning_rate=1e-4,
         effective_batch=128,
@@ -222,7 +222,7 @@ class Qwen2_5_VLAdapter(StockLayoutAdapter):
         low, high = size["shortest_edge"], size["longest_edge"]
         pixels = min(max(PAPER_PIXELS, low), high)
         return self.middle_band_defaults(
-            roi=RoiSettings(tau=0.1),
+            roi=RoiSettings.released_qwen(),
             task_tau=QWEN_TASK_TAU,
             learning_rate=1e-4,
             effective_batch=128,
