@@ -14,7 +14,7 @@ import sdrpn
 from sdrpn.attention import teacher_attention
 from sdrpn.errors import SdrpnError
 from sdrpn.images import load_image, pad_to_square
-from sdrpn.infer import GENERIC_PROMPT, InferSettings, RoiPrediction, Zoom, load
+from sdrpn.infer import GENERIC_PROMPT, VICROP_SUFFIX, InferSettings, RoiPrediction, Zoom, load
 from sdrpn.models import wrap_model
 from sdrpn.roi import Geometry, RoiSettings, crop_token_mask, find_regions, grid_box_to_pixels, image_cells
 from sdrpn.rpn import RegionProposalNetwork, load_rpn
@@ -204,7 +204,7 @@ def test_batch_answers_equal_single_answers(adapter, sharp_rpn, method, upscale)
         if method == "base":
             assert many.roi_map is None and many.extra_tokens == 0
         else:
-            np.testing.assert_allclose(many.roi_map, one.roi_map, atol=1e-5)
+            np.testing.assert_allclose(many.roi_map, one.roi_map, atol=1e-5, rtol=1e-4)
     if method != "base":
         assert any(r.boxes for r in batched), f"{method} proposed no region: the test would not exercise crops"
         for result, image in zip(batched, images):
@@ -235,22 +235,26 @@ def _eager_last_token_attention(adapter, batch, layer: int) -> torch.Tensor:
     return batch.per_sample(attention[:, :, -1, :].mean(1)[rows, batch.visual_positions])
 
 
-def test_vicrop_map_equals_a_direct_eager_computation(adapter):
+@pytest.mark.parametrize("rule", ["released", "sdrpn"])
+def test_vicrop_map_equals_a_direct_eager_computation(adapter, rule):
+    """The last prompt token's attention at one layer, divided by the same for the generic prompt; as released,
+    both prompts end with ViCrop's " Answer the question using a single word or phrase."."""
     images = _images()
     layer = 2
-    zoom = Zoom(adapter, settings=InferSettings(method="vicrop", vicrop_layer=layer))
+    zoom = Zoom(adapter, settings=InferSettings(method="vicrop", vicrop_layer=layer, vicrop_rule=rule))
     batch = zoom._prepare(images, BATCH_QUESTIONS)
     maps = zoom.roi_maps(batch, "vicrop")
-
-    generic = adapter.prepare(batch.images, [[GENERIC_PROMPT]] * batch.size)
+    suffix = VICROP_SUFFIX if rule == "released" else ""
+    asked = adapter.prepare(batch.images, [[q + suffix] for q in BATCH_QUESTIONS])
+    generic = adapter.prepare(batch.images, [[GENERIC_PROMPT + suffix]] * batch.size)
     adapter.model.set_attn_implementation("eager")
     try:
         with torch.no_grad():
-            specific_rows = _eager_last_token_attention(adapter, batch, layer)
+            specific_rows = _eager_last_token_attention(adapter, asked, layer)
             generic_rows = _eager_last_token_attention(adapter, generic, layer)
             # One sample alone (no padding): the batch must not change the map.
-            alone = adapter.prepare(images[:1], [[BATCH_QUESTIONS[0]]])
-            alone_generic = adapter.prepare(images[:1], [[GENERIC_PROMPT]])
+            alone = adapter.prepare(images[:1], [[BATCH_QUESTIONS[0] + suffix]])
+            alone_generic = adapter.prepare(images[:1], [[GENERIC_PROMPT + suffix]])
             alone_rows = _eager_last_token_attention(adapter, alone, layer)
             alone_generic_rows = _eager_last_token_attention(adapter, alone_generic, layer)
     finally:
@@ -299,7 +303,8 @@ def test_predict_roi_boxes_are_pixels_inside_a_non_square_image(adapter, sharp_r
         x0, y0, x1, y1 = box
         assert all(isinstance(v, int) for v in box)
         assert 0 <= x0 < x1 <= 160 and 0 <= y0 < y1 <= 60
-        assert box == grid_box_to_pixels(grid_box, prediction.geometry)
+        if not prediction.windowed:  # ViCrop's window is a pixel square, not its token box
+            assert box == grid_box_to_pixels(grid_box, prediction.geometry)
     ux0, uy0, ux1, uy1 = prediction.union_box
     assert 0 <= ux0 < ux1 <= 160 and 0 <= uy0 < uy1 <= 60
     assert zoom.predict_roi([image], ["where ?"], method="base") == []

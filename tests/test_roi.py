@@ -499,3 +499,24 @@ def test_released_rule_drops_components_of_more_than_225_tokens_whatever_their_s
     )
     with pytest.raises(SdrpnError, match="grow_rule"):
         RoiSettings(grow_rule="sideways")
+
+
+def test_vicrop_window_follows_the_official_search_on_the_canvas():
+    """A 672-px canvas of 24 x 24 tokens (28 px each), windows of 336 x {1, ..., 2} px: one hot token at (5, 5).
+    Every size's first maximum (column-major) is its top-left window, whose neighbours tie with it: the scores
+    tie at 0 and the first size, 336 px = 12 tokens, wins; centred on its block, it is the canvas's top-left."""
+    from sdrpn.roi import vicrop_window
+
+    grid = np.zeros((24, 24))
+    grid[5, 5] = 1.0
+    square = Geometry.pad_to_square(672, 672, 24, 24)
+    assert vicrop_window(grid, square, 336) == ((0, 0, 12, 12), (0, 0, 336, 336))
+    wide = Geometry.pad_to_square(672, 336, 24, 24)  # 168 px of padding above: the canvas is undone
+    assert vicrop_window(grid, wide, 336) == ((0, 0, 12, 12), (0, 0, 336, 168))
+    small = Geometry.pad_to_square(336, 336, 24, 24)  # the first window already covers the grid: the whole image
+    assert vicrop_window(grid, small, 336) == ((0, 0, 24, 24), (0, 0, 336, 336))
+    grid = np.zeros((24, 24))
+    grid[18:21, 16:19] = 1.0  # a 3 x 3 blob far from the corner: the window sits around it
+    (r0, c0, r1, c1), (x0, y0, x1, y1) = vicrop_window(grid, square, 336)
+    assert r0 <= 18 and r1 >= 21 and c0 <= 16 and c1 >= 19
+    assert x1 - x0 == y1 - y0 and x0 <= 16 * 28 and x1 >= 19 * 28

@@ -36,6 +36,7 @@ from sdrpn.roi import (
     image_cells,
     probability_grid,
     union_px,
+    vicrop_window,
     windows_px,
 )
 from sdrpn.rpn import RegionProposalNetwork, load_rpn
@@ -43,6 +44,12 @@ from sdrpn.shipped import resolve
 
 UPSCALES = ("mask", "box")
 GENERIC_PROMPT = "Write a general description of the image."
+VICROP_SUFFIX = " Answer the question using a single word or phrase."
+
+
+def _with_suffix(turn: str, index: int) -> str:
+    """A user turn as ViCrop asks it (the suffix once); assistant turns unchanged."""
+    return turn if index % 2 or turn.endswith(VICROP_SUFFIX) else turn + VICROP_SUFFIX
 
 
 @dataclass
@@ -52,9 +59,12 @@ class InferSettings:
     roi: RoiSettings = field(default_factory=RoiSettings)
     max_new_tokens: int = 128
     vicrop_layer: int | None = None  # None: the adapter's first default label layer
+    vicrop_rule: str = "released"  # "released": ViCrop's official window search; "sdrpn": `sdrpn.roi.best_window`
 
     def __post_init__(self) -> None:
         _check_choice(self.method, self.upscale)
+        if self.vicrop_rule not in ("released", "sdrpn"):
+            raise SdrpnError(f"vicrop_rule must be 'released' or 'sdrpn', got {self.vicrop_rule!r}")
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise SdrpnError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
 
@@ -143,6 +153,14 @@ class Zoom:
                 continue
             on_image = image_cells(geometry)  # never a region on pad-to-square padding
             probability = np.where(on_image, probability, 0.0)
+            if METHODS[method].one_window and self.settings.vicrop_rule == "released":
+                base = max(self.adapter.input_size(geometry))  # the model's own input side (336 for LLaVA-1.5)
+                box, window = vicrop_window(probability, geometry, base)
+                mask = np.zeros_like(probability, dtype=bool)
+                mask[box[0] : box[2], box[1] : box[3]] = True
+                regions = RoiRegions(probability=probability, mask=mask & on_image, boxes=[box])
+                predictions.append(RoiPrediction(probability, regions, [window], window, geometry, windowed=True))
+                continue
             if METHODS[method].one_window:
                 box = best_window(probability)
                 mask = np.zeros_like(probability, dtype=bool)
@@ -374,8 +392,14 @@ def _vicrop_maps(zoom: Zoom, batch: PromptBatch) -> list[np.ndarray]:
             f"vicrop_layer {layer} does not exist in a {zoom.adapter.attention_shape.num_layers}-layer model"
         )
     heads = {layer: None}
-    specific = prompt_attention(zoom.adapter, batch, heads)
-    generic_batch = zoom.adapter.prepare(batch.images, [[GENERIC_PROMPT]] * batch.size)
+    if zoom.settings.vicrop_rule == "released":  # both prompts end as ViCrop's official code asks them
+        questions = [[_with_suffix(turn, i) for i, turn in enumerate(c)] for c in batch.conversations]
+        specific = prompt_attention(zoom.adapter, zoom.adapter.prepare(batch.images, questions), heads)
+        generic_prompt = GENERIC_PROMPT + VICROP_SUFFIX
+    else:
+        specific = prompt_attention(zoom.adapter, batch, heads)
+        generic_prompt = GENERIC_PROMPT
+    generic_batch = zoom.adapter.prepare(batch.images, [[generic_prompt]] * batch.size)
     generic = prompt_attention(zoom.adapter, generic_batch, heads)
     return [_max_normalised(s / g.clamp(min=1e-12)) for s, g in zip(specific, generic)]
 

@@ -712,3 +712,60 @@ def image_cells(geometry: Geometry) -> np.ndarray:
     row_in = (rows[1:] > 0) & (rows[:-1] < geometry.image_height)
     col_in = (cols[1:] > 0) & (cols[:-1] < geometry.image_width)
     return row_in[:, None] & col_in[None, :]
+
+
+VICROP_RATIOS = (1.0, 1.2, 1.4, 1.6, 1.8, 2.0)
+
+
+def vicrop_window(
+    attention_map: np.ndarray, geometry: Geometry, base_px: float, ratios: tuple[float, ...] = VICROP_RATIOS
+) -> tuple[GridBox, PixelBox]:
+    """ViCrop's adaptive window (its official `bbox_from_att_image_adaptive`), on the grid's canvas.
+
+    For each size ``base_px * ratio`` (in whole tokens of the canvas) the window position with the largest
+    attention sum is found (the first in column-major order, as its loops run); its score is that sum minus the
+    mean of the sums one token left, right, up and down, per token of the window; the best-scoring size wins.
+    The window of that size is centred on the chosen block, clamped inside the canvas, and returned as its token
+    box and as original-image pixels (the official code maps the map onto the whole image, which is wrong for
+    a padded non-square image; here the canvas is undone). Windows as large as the grid give the whole image."""
+    a = _check_map(attention_map, "attention map")
+    if a.shape != (geometry.grid_height, geometry.grid_width):
+        raise SdrpnError(
+            f"attention map has shape {a.shape}, expected the grid {geometry.grid_height} x {geometry.grid_width}"
+        )
+    if not (math.isfinite(base_px) and base_px > 0):
+        raise SdrpnError(f"base_px must be a positive number of pixels, got {base_px!r}")
+    rows, cols = a.shape
+    cell_w, cell_h = geometry.cell_width, geometry.cell_height
+    whole = ((0, 0, rows, cols), (0, 0, geometry.image_width, geometry.image_height))
+    integral = np.pad(np.cumsum(np.cumsum(a / max(float(a.max()), 1e-300), axis=0), axis=1), ((1, 0), (1, 0)))
+    candidates = []  # (score, ratio, x, y, bw, bh)
+    for ratio in ratios:
+        bw = min(int(base_px * ratio / cell_w), cols)
+        bh = min(int(base_px * ratio / cell_h), rows)
+        if cols - bw < 1 and rows - bh < 1:
+            if ratio == ratios[0]:
+                return whole
+            continue
+        bw, bh = max(bw, 1), max(bh, 1)
+        sums = integral[bh:, bw:] - integral[:-bh, bw:] - integral[bh:, :-bw] + integral[:-bh, :-bw]  # (y, x)
+        x, y = divmod(int(np.argmax(sums.T)), sums.shape[0])  # column-major: the official loops' first maximum
+        best = sums[y, x]
+        neighbours = [sums[y, x + dx] for dx in (-1, 1) if 0 <= x + dx < sums.shape[1]]
+        neighbours += [sums[y + dy, x] for dy in (-1, 1) if 0 <= y + dy < sums.shape[0]]
+        score = (best - float(np.mean(neighbours))) / (bw * bh) if neighbours else -math.inf
+        candidates.append((score, ratio, x, y, bw, bh))
+    if not candidates:
+        return whole
+    _, ratio, x, y, bw, bh = candidates[int(np.argmax([c[0] for c in candidates]))]
+    size = base_px * ratio
+    half = size // 2
+    centre_x = int(x * cell_w + cell_w * bw / 2)
+    centre_y = int(y * cell_h + cell_h * bh / 2)
+    centre_x = min(max(centre_x, half), geometry.canvas_width - half)
+    centre_y = min(max(centre_y, half), geometry.canvas_height - half)
+    x0, x1 = max(0.0, centre_x - half), min(geometry.canvas_width, centre_x + half)
+    y0, y1 = max(0.0, centre_y - half), min(geometry.canvas_height, centre_y + half)
+    px0, px1 = _span_to_pixels(x0 - geometry.offset_x, x1 - geometry.offset_x, geometry.image_width)
+    py0, py1 = _span_to_pixels(y0 - geometry.offset_y, y1 - geometry.offset_y, geometry.image_height)
+    return (y, x, y + bh, x + bw), (px0, py0, px1, py1)

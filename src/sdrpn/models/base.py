@@ -41,6 +41,7 @@ class PromptBatch:
     query_positions: list[list[int]]  # per sample: the last token of each user turn
     geometries: list[Geometry]  # how each original image maps onto its own grid
     images: list[Image.Image] = field(default_factory=list)  # the original RGB images (for cropping)
+    conversations: list[list[str]] = field(default_factory=list)  # the texts the prompts were made from
     # Cache of the adapter's input_embeddings: the vision tower runs once per batch, however many stages
     # (RoI prediction, decoding) use it.
     embeddings: torch.Tensor | None = field(default=None, repr=False)

@@ -198,6 +198,7 @@ class LlavaAdapter(StockLayoutAdapter):
             query_positions=query_positions,
             geometries=geometries,
             images=list(images),
+            conversations=[list(c) for c in conversations],
         )
 
     # --- images and generation -----------------------------------------------------------------

@@ -281,6 +281,7 @@ class Qwen2_5_VLAdapter(StockLayoutAdapter):
             query_positions=self._query_positions(conversations, attention_mask, counts),
             geometries=geometries,
             images=list(images),
+            conversations=[list(c) for c in conversations],
         )
 
     def _process(self, images: list[Image.Image], prompts: list[str], training: bool) -> dict:
