@@ -619,3 +619,42 @@ def test_released_qwen_stage2_crops_every_cell_above_tau_once(monkeypatch):
     monkeypatch.setattr(zoom, "roi_maps", lambda batch, method: [big] * batch.size)
     (prediction,) = zoom.predict_roi([image], ["where ?"])
     assert prediction.boxes == []
+
+
+# --- what the Python API accepts ---------------------------------------------------------------------------
+
+
+def test_the_api_takes_arrays_and_bytes_and_refuses_the_rest(adapter):
+    import io
+
+    zoom = Zoom(adapter, settings=InferSettings(method="base", max_new_tokens=2))
+    image = random_images(1, seed=8, size=(70, 50))[0]
+    pixels = np.asarray(image)
+    encoded = io.BytesIO()
+    image.save(encoded, format="PNG")
+    reference = zoom.ask(image, "where ?").answer
+    assert zoom.ask(pixels, "where ?").answer == reference
+    assert zoom.ask(encoded.getvalue(), "where ?").answer == reference
+    assert zoom.ask_batch([], []) == [] and zoom.predict_roi([], []) == [] and zoom.ask_with_boxes([], [], []) == []
+    for bad_image in (None, torch.zeros(3, 8, 8), pixels.astype(np.float32), 42):
+        with pytest.raises(SdrpnError):
+            zoom.ask(bad_image, "where ?")
+    for bad_question in (None, 3, ["where ?", 7]):
+        with pytest.raises(SdrpnError, match="question"):
+            zoom.ask(image, bad_question)
+    with pytest.raises(SdrpnError, match="4 numbers"):
+        zoom.ask_with_boxes([image], ["where ?"], [[(1, 2, 3)]])
+    with pytest.raises(SdrpnError, match="2 images for 1 questions"):
+        zoom.ask_batch([image, image], ["where ?"])
+    assert issubclass(SdrpnError, ValueError)
+
+
+def test_a_multi_frame_image_is_read_at_its_first_frame_and_the_result_says_so(adapter, tmp_path):
+    zoom = Zoom(adapter, settings=InferSettings(method="base", max_new_tokens=2))
+    first, second = random_images(2, seed=9, size=(60, 40))
+    path = tmp_path / "moving.gif"
+    first.save(path, save_all=True, append_images=[second])
+    result = zoom.ask(str(path), "where ?")
+    assert result.warnings == [f"image '{path}' has 2 frames; only the first is used"]
+    assert result.to_json()["warnings"] == result.warnings
+    assert zoom.ask(first, "where ?").warnings == []
