@@ -264,3 +264,22 @@ def test_recipe_probe_labels_follow_the_scene():
         assert (shape == 1 + W.SHAPES.index(scene.shape)).sum() >= 2  # the whole shape, over several tokens
     corners = ["top left", "top right", "bottom left", "bottom right"]
     assert R.WHERE_CELLS == [corners[0], "top", corners[1], "left", "centre", "right", corners[2], "bottom", corners[3]]
+
+
+def test_the_shipped_qwen_toy_reads_marks_through_its_rpn_on_scenes_of_any_shape():
+    """toy-qwen: a Qwen2.5-VL trained on the toy world; its RPN was distilled from the label layers its recipe
+    log gives, and on a few wide and tall scenes SD-RPN reads marks the scene alone does not show."""
+    from sdrpn.toyworld import pipeline, world
+
+    adapter, network = pipeline.load_toy("toy-qwen")
+    assert adapter.model.config.model_type == "qwen2_5_vl" and network.config.base_model == "toy-qwen"
+    chosen = pipeline.label_layers_from_recipe(pipeline.toy_model_dir("toy-qwen"))
+    assert {int(layer) for layer in network.config.label_settings["label_heads"]} == set(chosen)
+    zoom = pipeline.make_zoom(adapter, network)
+    samples = world.make_samples(12, 4242, qtypes="fine", aspects=world.ASPECTS)
+    images, questions = [s.image for s in samples], [s.question for s in samples]
+    grids = {r.geometry.grid_height * 100 + r.geometry.grid_width for r in zoom.ask_batch(images, questions)}
+    assert len(grids) >= 3  # dynamic resolution: the grids follow the scenes' shapes
+    zoomed = [r.answer == s.answer for r, s in zip(zoom.ask_batch(images, questions), samples)]
+    plain = [r.answer == s.answer for r, s in zip(zoom.ask_batch(images, questions, method="base"), samples)]
+    assert sum(zoomed) >= sum(plain) + 4, (sum(zoomed), sum(plain))
