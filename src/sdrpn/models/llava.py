@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from PIL import Image
 from torch import nn
-from transformers import AutoConfig, LlavaForConditionalGeneration, LlavaProcessor
+from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
 from sdrpn.errors import SdrpnError
 from sdrpn.images import pad_to_square
@@ -111,16 +111,9 @@ class LlavaAdapter(StockLayoutAdapter):
         **options,
     ):
         cls._refuse_options(options)
-        config = AutoConfig.from_pretrained(name_or_path, revision=revision)
-        if config.model_type not in cls.model_types:
-            raise SdrpnError(f"model '{name_or_path}' is a {config.model_type!r} model, not LLaVA")
-        model = LlavaForConditionalGeneration.from_pretrained(
-            name_or_path, dtype=dtype or torch.float32, revision=revision
+        model, processor = cls._load_parts(
+            name_or_path, LlavaForConditionalGeneration, LlavaProcessor, dtype=dtype, device=device, revision=revision
         )
-        processor = LlavaProcessor.from_pretrained(name_or_path, revision=revision)
-        if device:
-            model.to(device)
-        model.eval()
         return cls(model, processor, str(name_or_path), prompt_style=prompt_style, **options)
 
     @staticmethod

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 from torch import nn
-from transformers import AutoConfig, AutoTokenizer, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
+from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 from transformers.processing_utils import ProcessorMixin
@@ -186,16 +186,14 @@ class Qwen2_5_VLAdapter(StockLayoutAdapter):
         label_pixels: int | None = None,
         prompt_style: str | None = None,
     ):
-        config = AutoConfig.from_pretrained(name_or_path, revision=revision)
-        if config.model_type not in cls.model_types:
-            raise SdrpnError(f"model '{name_or_path}' is a {config.model_type!r} model, not Qwen2.5-VL")
-        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-            name_or_path, dtype=dtype or torch.float32, revision=revision
+        model, processor = cls._load_parts(
+            name_or_path,
+            Qwen2_5_VLForConditionalGeneration,
+            ImageOnlyQwenProcessor,
+            dtype=dtype,
+            device=device,
+            revision=revision,
         )
-        processor = ImageOnlyQwenProcessor.from_pretrained(name_or_path, revision=revision)
-        if device:
-            model.to(device)
-        model.eval()
         return cls(
             model,
             processor,

@@ -11,6 +11,7 @@ from typing import ClassVar
 
 import torch
 from torch import nn
+from transformers import AutoConfig
 
 from sdrpn.errors import SdrpnError
 from sdrpn.models.base import AttentionShape, FamilyAdapter, PromptBatch
@@ -29,6 +30,18 @@ class StockLayoutAdapter(FamilyAdapter):
         processor.tokenizer.padding_side = "left"
         self.prompt_style = prompt_style or self.defaults().prompt_style
         self.use_prompt_style(self.prompt_style)
+
+    @classmethod
+    def _load_parts(cls, name_or_path: str, model_class, processor_class, *, dtype, device, revision):
+        """Model and processor of a checkpoint of this family (hub name at `revision`, or a folder), in eval mode."""
+        config = AutoConfig.from_pretrained(name_or_path, revision=revision)
+        if config.model_type not in cls.model_types:
+            raise SdrpnError(f"model '{name_or_path}' is a {config.model_type!r} model, not {cls.family}")
+        model = model_class.from_pretrained(name_or_path, dtype=dtype or torch.float32, revision=revision)
+        processor = processor_class.from_pretrained(name_or_path, revision=revision)
+        if device:
+            model.to(device)
+        return model.eval(), processor
 
     def use_prompt_style(self, style: str) -> None:
         if style not in self.prompt_styles:

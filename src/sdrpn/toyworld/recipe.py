@@ -793,31 +793,36 @@ def _remove_own_work(work: Path) -> None:
         work.rmdir()
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
+def run_recipe(argv, args_class, train_fn, reevaluate_fn, default_out: Path, description: str) -> None:
+    """The command line shared by the toy recipes: train into --out (logging to train.log), or re-measure."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--out", type=Path, default=default_out, help=f"output folder (default {default_out})")
     parser.add_argument(
         "--evaluate-only", action="store_true", help="re-measure the saved model in --out (metrics in recipe.json)"
     )
-    for f, v in asdict(RecipeArgs()).items():
+    for f, v in asdict(args_class()).items():
         parser.add_argument("--" + f.replace("_", "-"), type=type(v), default=v)
     ns = parser.parse_args(argv)
     out = ns.out
     if ns.evaluate_only:
-        print(json.dumps(reevaluate(out, ns.threads)["metrics"]))
+        print(json.dumps(reevaluate_fn(out, ns.threads)["metrics"]))
         return
-    args = RecipeArgs(**{k: v for k, v in vars(ns).items() if k not in ("out", "evaluate_only")})
+    args = args_class(**{k: v for k, v in vars(ns).items() if k not in ("out", "evaluate_only")})
     out.mkdir(parents=True, exist_ok=True)
-    logf = open(out / "train.log", "a")
+    with open(out / "train.log", "a") as logf:
 
-    def log(msg: str) -> None:
-        print(msg, flush=True)
-        logf.write(msg + "\n")
-        logf.flush()
+        def log(msg: str) -> None:
+            print(msg, flush=True)
+            logf.write(msg + "\n")
+            logf.flush()
 
-    meta = train(args, out, log)
-    _remove_own_work(out / "work")
-    log(f"saved to {out} ({meta['train_seconds']}s of training)")
+        meta = train_fn(args, out, log)
+        _remove_own_work(out / "work")
+        log(f"saved to {out} ({meta['train_seconds']}s of training)")
+
+
+def main(argv=None) -> None:
+    run_recipe(argv, RecipeArgs, train, reevaluate, DEFAULT_OUT, __doc__.split("\n\n")[0])
 
 
 if __name__ == "__main__":

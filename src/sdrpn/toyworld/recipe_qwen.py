@@ -49,7 +49,6 @@ lives in DIR/work/ while training. Load the folder with ``sdrpn.models.load_mode
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import random
@@ -66,7 +65,7 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_res
 from sdrpn.files import atomic_write_json
 from sdrpn.models.tiny import TinyQwenSpec, build_tiny_qwen
 from sdrpn.toyworld import world as W
-from sdrpn.toyworld.recipe import WHERE_CELLS, Heads, _remove_own_work, lr_at
+from sdrpn.toyworld.recipe import WHERE_CELLS, Heads, lr_at, run_recipe
 
 TOKEN = 28  # px of one merged token (2 x 2 patches of 14 px)
 PATCH = 14
@@ -929,30 +928,7 @@ def reevaluate(out: Path, threads: int) -> dict:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
-    parser.add_argument(
-        "--evaluate-only", action="store_true", help="re-measure the saved model in --out (metrics in recipe.json)"
-    )
-    for f, v in asdict(RecipeArgs()).items():
-        parser.add_argument("--" + f.replace("_", "-"), type=type(v), default=v)
-    ns = parser.parse_args(argv)
-    out = ns.out
-    if ns.evaluate_only:
-        print(json.dumps(reevaluate(out, ns.threads)["metrics"]))
-        return
-    args = RecipeArgs(**{k: v for k, v in vars(ns).items() if k not in ("out", "evaluate_only")})
-    out.mkdir(parents=True, exist_ok=True)
-    logf = open(out / "train.log", "a")
-
-    def log(msg: str) -> None:
-        print(msg, flush=True)
-        logf.write(msg + "\n")
-        logf.flush()
-
-    meta = train(args, out, log)
-    _remove_own_work(out / "work")
-    log(f"saved to {out} ({meta['train_seconds']}s of training)")
+    run_recipe(argv, RecipeArgs, train, reevaluate, DEFAULT_OUT, __doc__.split("\n\n")[0])
 
 
 if __name__ == "__main__":
