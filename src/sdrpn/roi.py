@@ -177,7 +177,8 @@ CROP_RULES = ("sdrpn", "released")
 
 @dataclass(frozen=True)
 class RoiSettings:
-    """Post-processing knobs; defaults are the released LLaVA-1.5 settings (24 x 24 grid).
+    """Post-processing knobs. The defaults are sdrpn's own rule for 24 x 24 grids; `RoiSettings.released()` and
+    `RoiSettings.released_qwen()` are the released code's, which the families take by default.
 
     Integer knobs take ints (or integral floats such as 3.0, stored as ints); every knob must be a
     finite number in its range, else SdrpnError. ``kernel`` is at most 1001 tokens."""
