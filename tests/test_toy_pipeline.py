@@ -110,9 +110,11 @@ def test_bench_toy_json_and_resume(shipped, tmp_path, capsys, monkeypatch):
         "2",
         "--json",
         str(tmp_path / "bench.json"),
+        "--released",
     ]
     assert main(argv) == 0
     result = json.loads((tmp_path / "bench.json").read_text())
+    assert len(result["released_vs_toy"]) == 4
     expected = {
         "base",
         "full_resolution",

@@ -257,6 +257,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--binding", type=int, default=0, help="also N scenes of three objects, the target named by colour (0 = skip)"
     )
+    bench.add_argument(
+        "--released",
+        action="store_true",
+        help="also the released code's label queries, stage 2 and stage 1 + 2 against the toy's own settings",
+    )
     return parser
 
 
@@ -412,6 +417,7 @@ def cmd_bench(args) -> int:
         ablations=not args.no_ablations,
         timing_samples=args.timing_samples,
         binding=args.binding,
+        released=args.released,
     )
     print(format_table(result))
     print(f"SD-RPN RoI stage / ViCrop RoI stage: {result['roi_stage_cost_sdrpn_over_vicrop']}")

@@ -73,6 +73,7 @@ def run_toy_bench(
     ablations: bool = True,
     timing_samples: int = 40,
     binding: int = 0,
+    released: bool = False,
 ) -> dict:
     """``model``: a shipped toy model ('toy', 'toy-qwen') or a toy MLLM folder made by a recipe. Without ``rpn``,
     a shipped model uses its shipped RPN and any other model gets an SD-RPN self-distilled here first."""
@@ -118,6 +119,8 @@ def run_toy_bench(
     }
     if binding:
         result["binding"] = _cached(work / f"binding-seed{seed}-n{binding}.json", lambda: _binding(zoom, seed, binding))
+    if released:
+        result["released_vs_toy"] = _released_vs_toy(adapter, network, model_dir, work, samples, tag, label_samples)
     if ablations or sweep:
         labelled()
         sdrpn_runner = pipeline.method_runners()["sdrpn_mask"]
@@ -150,6 +153,36 @@ def run_toy_bench(
     return result
 
 
+def _released_vs_toy(adapter, network, model_dir: Path, work: Path, samples, tag: str, label_samples: int) -> dict:
+    """The released code's choices, one at a time, against the toy's own (SD-RPN, masked upscaling): labels from
+    the generated tokens only (a new RPN distilled from them), the released stage 2, the released stage 1 + 2."""
+    runner = pipeline.method_runners()["sdrpn_mask"]
+    released_labels = replace(pipeline.toy_label_settings(model_dir), queries="answer", head_weighting="head")
+    label_dir = work / "labels-released-queries"
+    pipeline.generate_labels(
+        adapter,
+        pipeline.as_samples(pipeline.label_scenes(label_samples, aspects=pipeline.toy_aspects(adapter))),
+        label_dir,
+        released_labels,
+        batch_size=32,
+        open_image=pipeline.open_toy_image,
+    )
+    answer_rpn = _train(adapter, label_dir, work / "rpn_released_queries")
+    variants = {
+        "toy settings": (network, pipeline.TOY_ROI),
+        "labels: generated tokens only": (answer_rpn, pipeline.TOY_ROI),
+        "stage 2: released crops": (network, replace(pipeline.TOY_ROI, crop_rule="released")),
+        "stage 1 + 2: RoiSettings.released(tau=0.5)": (network, pipeline.RoiSettings.released(tau=0.5)),
+    }
+    return {
+        name: _cached(
+            work / f"released-{index}-{tag}.json",
+            lambda rpn=rpn, roi=roi: _accuracy(pipeline.make_zoom(adapter, rpn, roi), samples, runner),
+        )
+        for index, (name, (rpn, roi)) in enumerate(variants.items())
+    }
+
+
 BINDING_METHODS = ("base", "oracle_crop", "raw_attention", "vicrop", "sdrpn_mask")
 
 
@@ -174,7 +207,7 @@ def format_table(result: dict) -> str:
         cells = [f"{100 * row['accuracy'].get(q, float('nan')):.1f}" for q in qtypes]
         throughput = row["relative_throughput"]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {throughput if throughput else '-'} |")
-    for section in ("ablation_ladder", "rpn_training_seeds", "data_size_sweep", "binding"):
+    for section in ("ablation_ladder", "rpn_training_seeds", "data_size_sweep", "binding", "released_vs_toy"):
         for name, accuracy in result.get(section, {}).items():
             cells = [f"{100 * accuracy.get(q, float('nan')):.1f}" for q in qtypes]
             lines.append(f"| {section}: {name} | " + " | ".join(cells) + " | - |")
