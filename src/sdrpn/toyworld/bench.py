@@ -172,7 +172,7 @@ def _released_vs_toy(adapter, network, model_dir: Path, work: Path, samples, tag
         "toy settings": (network, pipeline.TOY_ROI),
         "labels: generated tokens only": (answer_rpn, pipeline.TOY_ROI),
         "stage 2: released crops": (network, replace(pipeline.TOY_ROI, crop_rule="released")),
-        "stage 1 + 2: RoiSettings.released(tau=0.5)": (network, pipeline.RoiSettings.released(tau=0.5)),
+        "stage 1 + 2: the family's released rule (tau 0.5)": (network, replace(adapter.defaults().roi, tau=0.5)),
     }
     return {
         name: _cached(
