@@ -7,6 +7,7 @@ again, so an interrupted benchmark resumes where it stopped.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -120,7 +121,9 @@ def run_toy_bench(
     if binding:
         result["binding"] = _cached(work / f"binding-seed{seed}-n{binding}.json", lambda: _binding(zoom, seed, binding))
     if released:
-        result["released_vs_toy"] = _released_vs_toy(adapter, network, model_dir, work, samples, tag, label_samples)
+        result["released_vs_toy"] = _released_vs_toy(
+            adapter, network, model_dir, work, samples, tag, label_samples, labelled()
+        )
     if ablations or sweep:
         labelled()
         sdrpn_runner = pipeline.method_runners()["sdrpn_mask"]
@@ -153,9 +156,12 @@ def run_toy_bench(
     return result
 
 
-def _released_vs_toy(adapter, network, model_dir: Path, work: Path, samples, tag: str, label_samples: int) -> dict:
+def _released_vs_toy(
+    adapter, network, model_dir: Path, work: Path, samples, tag: str, label_samples: int, toy_labels: Path
+) -> dict:
     """The released code's choices, one at a time, against the toy's own (SD-RPN, masked upscaling): labels from
-    the generated tokens only (a new RPN distilled from them), the released stage 2, the released stage 1 + 2."""
+    the generated tokens only (a new RPN distilled from them), the RPN with the released LLaVA final-norm copy
+    (distilled from the toy's labels), the released stage 2, the released stage 1 + 2."""
     runner = pipeline.method_runners()["sdrpn_mask"]
     released_labels = replace(pipeline.toy_label_settings(model_dir), queries="answer", head_weighting="head")
     label_dir = work / "labels-released-queries"
@@ -168,18 +174,20 @@ def _released_vs_toy(adapter, network, model_dir: Path, work: Path, samples, tag
         open_image=pipeline.open_toy_image,
     )
     answer_rpn = _train(adapter, label_dir, work / "rpn_released_queries")
+    norm_rpn = _train(adapter, toy_labels, work / "rpn_final_norm", final_norm=True)
     variants = {
         "toy settings": (network, pipeline.TOY_ROI),
         "labels: generated tokens only": (answer_rpn, pipeline.TOY_ROI),
+        "RPN: a copy of the final norm in its head": (norm_rpn, pipeline.TOY_ROI),
         "stage 2: released crops": (network, replace(pipeline.TOY_ROI, crop_rule="released")),
         "stage 1 + 2: the family's released rule (tau 0.5)": (network, replace(adapter.defaults().roi, tau=0.5)),
     }
     return {
         name: _cached(
-            work / f"released-{index}-{tag}.json",
+            work / f"released-{re.sub(r'[^a-z0-9]+', '-', name.lower()).strip('-')}-{tag}.json",
             lambda rpn=rpn, roi=roi: _accuracy(pipeline.make_zoom(adapter, rpn, roi), samples, runner),
         )
-        for index, (name, (rpn, roi)) in enumerate(variants.items())
+        for name, (rpn, roi) in variants.items()
     }
 
 
