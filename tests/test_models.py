@@ -170,3 +170,14 @@ def test_llava_prompts_as_the_released_evaluation_and_an_rpn_keeps_its_prompt(ll
     model, processor = build_tiny("qwen")
     with pytest.raises(SdrpnError, match="not 'vicuna_v1'"):
         wrap_model(model, processor, "tiny-qwen", prompt_style="vicuna_v1")
+
+
+def test_the_api_refuses_a_device_that_cannot_hold_the_model_before_loading():
+    import torch
+
+    cases = [("gpu7", "not a device"), ("meta", "holds no weights")]
+    if not torch.cuda.is_available():
+        cases.append(("cuda", "CUDA is not available"))
+    for device, message in cases:
+        with pytest.raises(SdrpnError, match=message):
+            load_model("toy", device=device)

@@ -26,25 +26,10 @@ def positive_int(text: str) -> int:
     return value
 
 
-def check_device(device: str | None) -> None:
-    """Refuse a device that cannot hold the model, before minutes of loading."""
-    if device is None:
-        return
-    import torch
+def _check_device(device: str | None) -> None:
+    from sdrpn.models import check_device
 
-    try:
-        parsed = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise SdrpnError(f"--device {device!r} is not a device (cpu, cuda, cuda:1, mps, ...)") from None
-    if parsed.type == "meta":
-        raise SdrpnError("--device meta holds no weights; choose cpu or cuda")
-    if parsed.type == "cuda":
-        if not torch.cuda.is_available():
-            raise SdrpnError(f"--device {device}: CUDA is not available on this machine (torch {torch.__version__})")
-        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
-            raise SdrpnError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    if parsed.type == "mps" and not torch.backends.mps.is_available():
-        raise SdrpnError("--device mps: MPS is not available on this machine")
+    check_device(device)
 
 
 def check_output_file(path: str | None, option: str) -> None:
@@ -283,7 +268,7 @@ def cmd_label(args) -> int:
         max_new_tokens=args.max_new_tokens,
     )
     check_output_folder(args.out)
-    check_device(args.device)
+    _check_device(args.device)
     sources = [part.strip() for part in args.source.split(",") if part.strip()] if args.source else None
     report = read_samples(args.data, args.image_root, sources=sources)
     samples = shuffled_subset(report.samples, args.max_samples, args.seed)
@@ -327,7 +312,7 @@ def cmd_train(args) -> int:
         final_norm=args.final_norm,
     )
     check_output_folder(args.out)
-    check_device(args.device)
+    _check_device(args.device)
     adapter = _load_adapter(args)
     rpn = train_rpn(adapter, args.labels, args.out, settings, resume=args.resume, max_steps=args.max_steps)
     print(f"RPN (B={rpn.config.frozen_layers}, R={rpn.config.rpn_layers}) saved to {args.out}")
@@ -339,7 +324,7 @@ def cmd_ask(args) -> int:
     from sdrpn.infer import load
     from sdrpn.overlay import save_overlay
 
-    check_device(args.device)
+    _check_device(args.device)
     check_output_file(args.save_overlay, "--save-overlay")
     image = load_image(args.image)
     adapter = _load_adapter(args)

@@ -45,6 +45,25 @@ def _model_type(name_or_path: str, revision: str | None = None) -> str:
         raise SdrpnError(f"cannot read model '{name_or_path}': {reason}") from None
 
 
+def check_device(device: str | None) -> None:
+    """Refuse a device that cannot hold the model, before minutes of loading."""
+    if device is None:
+        return
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise SdrpnError(f"device {device!r} is not a device (cpu, cuda, cuda:1, mps, ...)") from None
+    if parsed.type == "meta":
+        raise SdrpnError("device meta holds no weights; choose cpu or cuda")
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SdrpnError(f"device {device}: CUDA is not available on this machine (torch {torch.__version__})")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise SdrpnError(f"device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise SdrpnError("device mps: MPS is not available on this machine")
+
+
 def _looks_local(name: str) -> bool:
     """A hub name is 'org/model' (or a bare legacy name); an absolute, relative or home path is a folder."""
     return name.startswith(("/", ".", "~")) or "\\" in name or name.count("/") > 1
@@ -60,6 +79,7 @@ def load_model(
 ) -> FamilyAdapter:
     """Load a supported MLLM (hub name, local directory, or a shipped name such as 'toy') behind its family
     adapter. `options` are family settings (Qwen2.5-VL: min_pixels, max_pixels); None means the default."""
+    check_device(device)
     name_or_path = resolve(str(name_or_path), "mllm")
     model_type = _model_type(name_or_path, revision)
     if model_type not in ADAPTERS:
@@ -83,6 +103,7 @@ __all__ = [
     "FamilyAdapter",
     "FamilyDefaults",
     "PromptBatch",
+    "check_device",
     "load_model",
     "register_adapter",
     "wrap_model",

@@ -32,7 +32,7 @@ class PromptBatch:
 
     Sequences are left-padded, so the last position of every row is its last prompt token. Samples may have
     grids of different sizes: `visual_positions` is padded to the largest (by repeating the sample's last
-    visual position, so gathers stay valid) and `visual_mask` says which columns are real.
+    visual position, so gathers stay valid); `visual_counts` says how many columns of each row are real.
     """
 
     inputs: dict[str, torch.Tensor]  # model-ready tensors (input_ids, attention_mask, pixel_values, ...)
@@ -57,12 +57,6 @@ class PromptBatch:
     @property
     def visual_counts(self) -> list[int]:
         return [h * w for h, w in self.grids]
-
-    @property
-    def visual_mask(self) -> torch.Tensor:
-        """(B, N_max) True where a column of `visual_positions` is one of the sample's visual tokens."""
-        columns = torch.arange(self.visual_positions.shape[1])
-        return columns[None, :] < torch.tensor(self.visual_counts)[:, None]
 
     def per_sample(self, values: torch.Tensor) -> list[torch.Tensor]:
         """(B, N_max, ...) values over the visual tokens -> each sample's (H_i, W_i, ...) grid."""
