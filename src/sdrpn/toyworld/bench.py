@@ -161,7 +161,8 @@ def _released_vs_toy(
 ) -> dict:
     """The released code's choices, one at a time, against the toy's own (SD-RPN, masked upscaling): labels from
     the generated tokens only (a new RPN distilled from them), the RPN with the released LLaVA final-norm copy
-    (distilled from the toy's labels), the released stage 2, the released stage 1 + 2."""
+    (distilled from the toy's labels), labels with the released sink rule, the released stage 2, the released
+    stage 1 + 2."""
     runner = pipeline.method_runners()["sdrpn_mask"]
     released_labels = replace(pipeline.toy_label_settings(model_dir), queries="answer", head_weighting="head")
     label_dir = work / "labels-released-queries"
@@ -174,11 +175,25 @@ def _released_vs_toy(
         open_image=pipeline.open_toy_image,
     )
     answer_rpn = _train(adapter, label_dir, work / "rpn_released_queries")
+    # The released sink rule: mean attention of the family's sink heads >= its threshold, or no removal where the
+    # family names no sink heads (released Qwen text-rich lists); the toys' own labels use the paper's norm rule.
+    sink_rule = "attention" if adapter.defaults().sink_heads else "none"
+    sink_dir = work / f"labels-released-sinks-{sink_rule}"
+    pipeline.generate_labels(
+        adapter,
+        pipeline.as_samples(pipeline.label_scenes(label_samples, aspects=pipeline.toy_aspects(adapter))),
+        sink_dir,
+        replace(pipeline.toy_label_settings(model_dir), sink_rule=sink_rule),
+        batch_size=32,
+        open_image=pipeline.open_toy_image,
+    )
+    sink_rpn = _train(adapter, sink_dir, work / f"rpn_released_sinks_{sink_rule}")
     norm_rpn = _train(adapter, toy_labels, work / "rpn_final_norm", final_norm=True)
     variants = {
         "toy settings": (network, pipeline.TOY_ROI),
         "labels: generated tokens only": (answer_rpn, pipeline.TOY_ROI),
         "RPN: a copy of the final norm in its head": (norm_rpn, pipeline.TOY_ROI),
+        f"labels: the released sink rule ({sink_rule})": (sink_rpn, pipeline.TOY_ROI),
         "stage 2: released crops": (network, replace(pipeline.TOY_ROI, crop_rule="released")),
         "stage 1 + 2: the family's released rule (tau 0.5)": (network, replace(adapter.defaults().roi, tau=0.5)),
     }
