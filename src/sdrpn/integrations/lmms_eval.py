@@ -10,6 +10,7 @@ score of exactly what `sdrpn ask` answers:
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import warnings
@@ -36,9 +37,6 @@ def manifest():
     from lmms_eval.models.registry_v2 import ModelManifest
 
     return ModelManifest(model_id="sdrpn", simple_class_path=f"{__name__}.{SdrpnLmms.__name__}")
-
-
-MODEL_ARGS = ("model", "pretrained", "rpn", "method", "upscale", "tau", "task", "min_pixels", "max_pixels", "dtype")
 
 
 def process_device(device: str | None) -> str | None:
@@ -112,9 +110,8 @@ class SdrpnLmms(lmms):
     ) -> None:
         super().__init__()
         if unknown:
-            raise SdrpnError(
-                f"unknown model_args for sdrpn: {', '.join(sorted(unknown))} (known: {', '.join(MODEL_ARGS)}, roi_log)"
-            )
+            known = [name for name in inspect.signature(SdrpnLmms).parameters if name != "unknown"]
+            raise SdrpnError(f"unknown model_args for sdrpn: {', '.join(sorted(unknown))} (known: {', '.join(known)})")
         if model is not None and pretrained is not None and str(model) != str(pretrained):
             raise SdrpnError(f"model={model} and pretrained={pretrained} disagree: give one of them")
         name = model if model is not None else pretrained
