@@ -10,7 +10,7 @@ No region -> no extra tokens -> exactly the base model's answer.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -248,16 +248,32 @@ class Zoom:
         resized = torch.nn.functional.interpolate(cut[None, None], size=crop.grid, mode="bilinear", align_corners=False)
         return [replace(crop, keep=(resized[0, 0] > 0.5).reshape(-1))]
 
-    def ask_batch(self, images, questions, method: str | None = None, upscale: str | None = None) -> list[ZoomResult]:
-        """Answer a batch; every sample's answer equals what it gets alone (left padding, real positions)."""
+    def ask_batch(
+        self,
+        images,
+        questions,
+        method: str | None = None,
+        upscale: str | None = None,
+        *,
+        max_new_tokens: int | None = None,
+        stop: Sequence[str] = (),
+    ) -> list[ZoomResult]:
+        """Answer a batch; every sample's answer equals what it gets alone (left padding, real positions).
+        `max_new_tokens` and `stop` (answers cut before the first stop string) are per call, as evaluation
+        harnesses ask them per task, without touching the settings."""
         method, upscale = self._resolve(method, upscale)
+        stop = _check_generation(max_new_tokens, stop)
         if not _as_list(images, "images") and not _as_list(questions, "questions"):
             return []
         started = time.perf_counter()
         batch = self._prepare(images, questions)
         maps = self.roi_maps(batch, method)
         predictions = self.regions(maps, batch, method) if maps is not None else [None] * batch.size
-        return self._answer(batch, predictions, method, METHODS[method].upscale or upscale, started)
+        upscale = METHODS[method].upscale or upscale
+        results = self._answer(batch, predictions, method, upscale, started, max_new_tokens)
+        for result in results:
+            result.answer = cut_at_stop(result.answer, stop)
+        return results
 
     def ask_with_boxes(self, images, questions, boxes: list[list[PixelBox]]) -> list[ZoomResult]:
         """Answer with crops of given pixel boxes (one crop each, e.g. from an external detector)."""
@@ -275,7 +291,9 @@ class Zoom:
             predictions.append(RoiPrediction(None, None, checked, None, geometry))
         return self._answer(batch, predictions, "given-boxes", METHODS["given-boxes"].upscale, started)
 
-    def _answer(self, batch, predictions, method: str, upscale: str, started: float) -> list[ZoomResult]:
+    def _answer(
+        self, batch, predictions, method: str, upscale: str, started: float, max_new_tokens: int | None = None
+    ) -> list[ZoomResult]:
         """Stage 2: crops after the image tokens, decode. Timings are per sample: its own crop encoding, and
         the wall time of the batch's stages it shared (`batch_size` says with how many)."""
         roi_done = time.perf_counter()
@@ -285,7 +303,7 @@ class Zoom:
             crops.append(self.crop_tokens(image, prediction, upscale) if prediction and prediction.boxes else [])
             encode_seconds.append(time.perf_counter() - began)
         encoded = time.perf_counter()
-        token_ids = self.adapter.generate(batch, crops, max_new_tokens=self.settings.max_new_tokens)
+        token_ids = self.adapter.generate(batch, crops, max_new_tokens=max_new_tokens or self.settings.max_new_tokens)
         answers = self.adapter.decode(token_ids)
         finished = time.perf_counter()
         return [
@@ -444,6 +462,22 @@ def _check_boxes(image_boxes, width: int, height: int) -> list[PixelBox]:
             raise SdrpnError(f"box {tuple(values)} is empty or outside the {width} x {height} image")
         checked.append((x0, y0, x1, y1))
     return checked
+
+
+def _check_generation(max_new_tokens: int | None, stop: Sequence[str]) -> list[str]:
+    """Per-call generation limits: a positive token count, stop strings as a list of non-empty strings."""
+    if max_new_tokens is not None and (not isinstance(max_new_tokens, int) or max_new_tokens < 1):
+        raise SdrpnError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    stop = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) and s for s in stop):
+        raise SdrpnError(f"stop must be a list of non-empty strings, got {stop!r:.60}")
+    return list(stop)
+
+
+def cut_at_stop(answer: str, stop: Sequence[str]) -> str:
+    """The answer before the first stop string (greedy decoding would give the same text stopping there)."""
+    cut = min((i for i in (answer.find(s) for s in stop) if i >= 0), default=len(answer))
+    return answer[:cut].strip()
 
 
 def _max_normalised(grid: torch.Tensor) -> np.ndarray:
