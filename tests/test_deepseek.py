@@ -131,6 +131,7 @@ def test_a_checkpoint_folder_without_its_processor_files_is_named_in_one_line(mi
         load_model(str(tmp_path))
     image = tmp_path / "scene.png"
     random_images(1)[0].save(image)
+    capsys.readouterr()
     assert main(["ask", "--model", str(tmp_path), "--image", str(image), "--question", "where ?"]) == 2
     err = capsys.readouterr().err.strip()
     assert missing in err and "\n" not in err and "Traceback" not in err, err

@@ -12,6 +12,7 @@ hybrid's second input differ.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -33,6 +34,7 @@ from sdrpn.roi import RoiSettings
 # and transformers' own error would be a traceback about a missing attribute.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 IMAGE_PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
+CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
 
 
 def _signature(model_type: str, layers: int, hidden: int, heads: int, high_res: list[int] | None = None) -> dict:
@@ -72,26 +74,15 @@ class DeepseekVLAdapter(LlavaAdapter):
     processor_class: type = DeepseekVLProcessor
 
     @classmethod
-    def from_pretrained(
-        cls,
-        name_or_path: str,
-        *,
-        dtype: torch.dtype | None = None,
-        device: str | None = None,
-        revision: str | None = None,
-        prompt_style: str | None = None,
-        **options,
-    ):
-        cls._refuse_options(options)
+    def _load_parts(cls, name_or_path: str, model_class, processor_class, **options):
+        """The stock loading, after checking that a local folder holds the processor's files."""
         _check_processor_files(name_or_path)
-        model, processor = cls._load_parts(
-            name_or_path, cls.model_class, cls.processor_class, dtype=dtype, device=device, revision=revision
-        )
+        model, processor = super()._load_parts(name_or_path, model_class, processor_class, **options)
         if processor.chat_template is None:
             raise SdrpnError(
                 f"model '{name_or_path}' has no chat template (chat_template.jinja); {cls.family} needs it"
             )
-        return cls(model, processor, str(name_or_path), prompt_style=prompt_style)
+        return model, processor
 
     # --- defaults ------------------------------------------------------------------------------
     @classmethod
@@ -135,13 +126,27 @@ class DeepseekVLHybridAdapter(DeepseekVLAdapter):
 
 
 def _check_processor_files(name_or_path: str) -> None:
-    """A local checkpoint folder missing its processor files fails in one line naming the file."""
+    """A local checkpoint folder missing its processor files fails in one line naming the file, before minutes of
+    loading weights."""
     folder = Path(name_or_path)
     if not folder.is_dir():
         return
-    for names in (TOKENIZER_FILES, IMAGE_PROCESSOR_FILES):
-        if not any((folder / name).is_file() for name in names):
+    for names in (TOKENIZER_FILES, IMAGE_PROCESSOR_FILES, CHAT_TEMPLATE_FILES):
+        if not any((folder / name).is_file() for name in names) and not _template_inside(folder, names):
             alternatives = " or ".join(names)
             raise SdrpnError(
                 f"model folder '{name_or_path}' has no {alternatives}: copy the checkpoint's processor files"
             )
+
+
+def _template_inside(folder: Path, names: tuple[str, ...]) -> bool:
+    """Older checkpoints keep the chat template inside their tokenizer or processor settings."""
+    if names != CHAT_TEMPLATE_FILES:
+        return False
+    for name in ("tokenizer_config.json", "processor_config.json"):
+        try:
+            if "chat_template" in json.loads((folder / name).read_text(encoding="utf-8")):
+                return True
+        except (OSError, ValueError):
+            continue
+    return False

@@ -94,6 +94,8 @@ class LlavaAdapter(StockLayoutAdapter):
     prompt_styles = ("vicuna_v1", "chat_template")
     model_types = ("llava",)
     known_checkpoints = LLAVA_CHECKPOINTS
+    model_class: type[nn.Module] = LlavaForConditionalGeneration
+    processor_class: type = LlavaProcessor
 
     def __init__(self, model: nn.Module, processor, name_or_path: str, *, prompt_style: str | None = None, **options):
         self._refuse_options(options)
@@ -112,7 +114,7 @@ class LlavaAdapter(StockLayoutAdapter):
     ):
         cls._refuse_options(options)
         model, processor = cls._load_parts(
-            name_or_path, LlavaForConditionalGeneration, LlavaProcessor, dtype=dtype, device=device, revision=revision
+            name_or_path, cls.model_class, cls.processor_class, dtype=dtype, device=device, revision=revision
         )
         return cls(model, processor, str(name_or_path), prompt_style=prompt_style, **options)
 

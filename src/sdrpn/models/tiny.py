@@ -201,21 +201,25 @@ class TinyQwenSpec:
     words: list[str] = field(default_factory=list)
 
 
-def build_qwen_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
-    """A word-level tokenizer with Qwen's special tokens and chat template (no download)."""
+def _word_level(special: list[str], words: list[str]) -> Tokenizer:
+    """A word-level backend whose special tokens are matched before pre-tokenisation ("<|im_start|>user" splits)
+    and whose "\n" is an added token, so that the whitespace pre-tokenizer cannot drop it."""
     vocab: dict[str, int] = {}
-    for token in [*QWEN_SPECIAL_TOKENS, "\n", *QWEN_CHAT_WORDS, *words]:
+    for token in [*special, *words]:
         vocab.setdefault(token, len(vocab))
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.Split("\n", behavior="isolated"), pre_tokenizers.Whitespace()]
     )
-    # Special tokens are matched before pre-tokenisation ("<|im_start|>user" splits); "\n" is an added token
-    # so that the whitespace pre-tokenizer cannot drop it.
-    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in QWEN_SPECIAL_TOKENS])
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
     backend.add_tokens([AddedToken("\n", special=False, normalized=False)])
+    return backend
+
+
+def build_qwen_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer with Qwen's special tokens and chat template (no download)."""
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
+        tokenizer_object=_word_level(QWEN_SPECIAL_TOKENS, ["\n", *QWEN_CHAT_WORDS, *words]),
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
         unk_token="<unk>",
@@ -224,6 +228,19 @@ def build_qwen_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
     tokenizer.padding_side = "left"
     tokenizer.chat_template = QWEN_CHAT_TEMPLATE
     return tokenizer
+
+
+def random_model(model_class, config, seed: int, init_std: float | None):
+    """A model of `config` in eval mode; with `init_std`, every weight matrix and bias ~ N(0, init_std), so that a
+    random model answers differently per input (None: transformers' own initialisation)."""
+    torch.manual_seed(seed)
+    model = model_class._from_config(config)
+    if init_std is not None:
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                if parameter.ndim >= 2 or name.endswith(".bias"):
+                    parameter.normal_(0.0, init_std)
+    return model.eval()
 
 
 def build_tiny_qwen(spec: TinyQwenSpec | None = None, seed: int = 0):
@@ -277,14 +294,7 @@ def build_tiny_qwen(spec: TinyQwenSpec | None = None, seed: int = 0):
         vision_end_token_id=ids["<|vision_end|>"],
         tie_word_embeddings=False,
     )
-    torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration._from_config(config)
-    if spec.init_std is not None:
-        with torch.no_grad():
-            for name, parameter in model.named_parameters():
-                if parameter.ndim >= 2 or name.endswith(".bias"):
-                    parameter.normal_(0.0, spec.init_std)
-    model.eval()
+    model = random_model(Qwen2_5_VLForConditionalGeneration, config, seed, spec.init_std)
     generation = model.generation_config
     generation.pad_token_id, generation.eos_token_id = ids["<|endoftext|>"], ids["<|im_end|>"]
     generation.bos_token_id = ids["<|endoftext|>"]
@@ -356,16 +366,9 @@ class TinyDeepseekSpec:
 
 def build_deepseek_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
     """A word-level tokenizer with DeepSeek-VL's special tokens, image placeholder and chat template (no download)."""
-    vocab: dict[str, int] = {}
     chat_words = ["\n", "User", "Assistant", ":", *DEEPSEEK_SYSTEM.replace(".", " .").replace(",", " ,").split()]
-    for token in [*DEEPSEEK_SPECIAL_TOKENS, *chat_words, "?", "!", "'", *words]:
-        vocab.setdefault(token, len(vocab))
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in DEEPSEEK_SPECIAL_TOKENS])
-    backend.add_tokens([AddedToken("\n", special=False, normalized=False)])
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
+        tokenizer_object=_word_level(DEEPSEEK_SPECIAL_TOKENS, [*chat_words, "?", "!", "'", *words]),
         bos_token="<｜begin▁of▁sentence｜>",
         eos_token="<｜end▁of▁sentence｜>",
         pad_token="<｜end▁of▁sentence｜>",
@@ -449,14 +452,7 @@ def build_tiny_deepseek(spec: TinyDeepseekSpec | None = None, seed: int = 0):
         image_processor = DeepseekVLImageProcessorPil(
             size={"height": spec.image_size, "width": spec.image_size}, image_mean=[0.5, 0.5, 0.5], image_std=[0.5] * 3
         )
-    torch.manual_seed(seed)
-    model = model_class._from_config(config)
-    if spec.init_std is not None:
-        with torch.no_grad():
-            for name, parameter in model.named_parameters():
-                if parameter.ndim >= 2 or name.endswith(".bias"):
-                    parameter.normal_(0.0, spec.init_std)
-    model.eval()
+    model = random_model(model_class, config, seed, spec.init_std)
     generation = model.generation_config
     generation.pad_token_id, generation.eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
     generation.bos_token_id = tokenizer.bos_token_id
