@@ -433,7 +433,7 @@ def build_tiny_deepseek(spec: TinyDeepseekSpec | None = None, seed: int = 0):
             image_size=spec.high_res_size,
             patch_size=spec.patch_size,
             output_channels=spec.high_res_channels,
-            global_attn_indexes=list(range(spec.high_res_layers - 1, spec.high_res_layers)),
+            global_attn_indexes=[spec.high_res_layers - 1],  # the last layer attends globally, as SAM-B's 12th
             window_size=14,
         )
         config = DeepseekVLHybridConfig(
