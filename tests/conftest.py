@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny random models of the real transformers classes (LLaVA-1.5, Qwen2.5-VL), built offline.
+"""Shared fixtures: tiny random models of the real transformers classes (LLaVA-1.5, Qwen2.5-VL, DeepSeek-VL and its
+hybrid), built offline.
 
 Tests that take `adapter` run once per family; none may assume one family's token count or grid."""
 
@@ -13,22 +14,37 @@ import torch
 from PIL import Image
 
 from sdrpn.models import wrap_model
-from sdrpn.models.tiny import TinyLlavaSpec, TinyQwenSpec, build_tiny_llava, build_tiny_qwen
+from sdrpn.models.tiny import (
+    TinyDeepseekSpec,
+    TinyLlavaSpec,
+    TinyQwenSpec,
+    build_tiny_deepseek,
+    build_tiny_llava,
+    build_tiny_qwen,
+)
 
 WORDS = "what colour is the object square red green blue where top left".split()
 QUESTIONS = ["what colour is the object ?", "where is the square ?", "what is red ?"]
 
 
-FAMILIES = ("llava", "qwen")
+FAMILIES = ("llava", "qwen", "deepseek", "deepseek-hybrid")
+# DeepSeek-VL at 96 px (6 x 6 tokens; SAM at 256 px) keeps the family tests fast; tests/test_deepseek.py runs the
+# real 384 px / 1024 px input end to end.
+SMALL_DEEPSEEK = {"image_size": 96, "high_res_size": 256}
 
 
 def build_tiny(family: str, seed: int = 1, **sizes):
-    """(model, processor): a 6-layer LLaVA with 4x4 visual tokens, or a Qwen2.5-VL of the 3B layout (36 layers,
-    16 heads, 2 KV heads) whose grids follow each image's aspect ratio (up to 6 x 6 tokens)."""
+    """(model, processor): a 6-layer LLaVA with 4x4 visual tokens, a Qwen2.5-VL of the 3B layout (36 layers,
+    16 heads, 2 KV heads) whose grids follow each image's aspect ratio (up to 6 x 6 tokens), or a DeepSeek-VL of
+    the 1.3B layout (24 layers x 16 heads) or the 7B hybrid's (30 x 32, with the SAM branch), 6 x 6 tokens."""
     torch.manual_seed(0)
     if family == "llava":
         return build_tiny_llava(TinyLlavaSpec(words=WORDS, **sizes), seed=seed)
-    return build_tiny_qwen(TinyQwenSpec(words=WORDS, **sizes), seed=seed)
+    if family == "qwen":
+        return build_tiny_qwen(TinyQwenSpec(words=WORDS, **sizes), seed=seed)
+    sizes = {**SMALL_DEEPSEEK, **sizes, "words": WORDS}
+    spec = TinyDeepseekSpec(**sizes) if family == "deepseek" else TinyDeepseekSpec.seven_b(**sizes)
+    return build_tiny_deepseek(spec, seed=seed)
 
 
 @pytest.fixture(scope="session", params=FAMILIES)

@@ -76,7 +76,11 @@ def test_prompt_attention_is_a_distribution_over_part_of_the_sequence(adapter):
 def test_first_layers_equal_full_forward_hidden_states(adapter):
     batch = adapter.prepare(random_images(2), [[QUESTIONS[0]], [QUESTIONS[2]]])
     with torch.no_grad():
-        full = adapter.model.model(**batch.inputs, position_ids=batch.position_ids, output_hidden_states=True)
+        embeds = adapter.input_embeddings(batch)  # the same image tokens for both (a vision tower may vary by batch)
+        mask = batch.inputs["attention_mask"]
+        full = adapter.model.model(
+            inputs_embeds=embeds, attention_mask=mask, position_ids=batch.position_ids, output_hidden_states=True
+        )
         for layers in (1, 3):
             prefix = adapter.prefix_hidden(batch, layers)
             torch.testing.assert_close(prefix, full.hidden_states[layers], atol=1e-6, rtol=1e-6)

@@ -13,7 +13,7 @@ from PIL import Image
 import sdrpn
 from sdrpn.attention import teacher_attention
 from sdrpn.errors import SdrpnError
-from sdrpn.images import load_image, pad_to_square
+from sdrpn.images import load_image
 from sdrpn.infer import GENERIC_PROMPT, VICROP_SUFFIX, InferSettings, RoiPrediction, Zoom, load
 from sdrpn.models import wrap_model
 from sdrpn.roi import Geometry, RoiSettings, crop_token_mask, find_regions, grid_box_to_pixels, image_cells
@@ -476,17 +476,16 @@ def test_load_takes_roi_defaults_from_the_checkpoint(adapter, tmp_path):
 def _two_image_prompt(adapter, family: str, question: str) -> str:
     """The stock prompt with the crop as a second image right after the first, in the same user turn."""
     prompt = adapter._prompt([question], 1)
-    if family == "llava":
-        return prompt.replace("<image>", "<image><image>", 1)
+    if family != "qwen":  # one placeholder per image, expanded by the processor
+        return prompt.replace(adapter.processor.image_token, adapter.processor.image_token * 2, 1)
     block = "<|vision_start|><|image_pad|><|vision_end|>"
     return prompt.replace(block, block + block, 1)
 
 
 def _stock_two_image_answers(adapter, family, images, crops, questions) -> torch.Tensor:
     prompts = [_two_image_prompt(adapter, family, q) for q in questions]
-    if family == "llava":
-        fill = adapter._fill_colour()
-        pixels = [pad_to_square(image, fill) for pair in zip(images, crops) for image in pair]
+    if family != "qwen":  # square inputs, padded as the family pads them
+        pixels = adapter._squares([image for pair in zip(images, crops) for image in pair])
         inputs = adapter.processor(images=pixels, text=prompts, return_tensors="pt", padding=True)
     else:
         pixels = [image for pair in zip(images, crops) for image in pair]

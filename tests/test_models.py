@@ -137,10 +137,11 @@ def test_load_takes_shipped_names_in_python_as_on_the_command_line():
 def test_task_presets_take_the_released_threshold_and_tau_overrides(adapter, family):
     from sdrpn.infer import load
 
-    expected = {"llava": {"docvqa": 0.1, "ocrbench": 0.05, "textvqa": 0.15}, "qwen": {"textvqa": 0.075}}[family]
-    for task, tau in expected.items():
+    released = {"llava": {"docvqa": 0.1, "ocrbench": 0.05, "textvqa": 0.15}, "qwen": {"textvqa": 0.075}}
+    for task, tau in released.get(family, {}).items():  # DeepSeek-VL: no thresholds were released
         assert load(adapter, task=task).settings.roi.tau == tau
-    assert load(adapter, task="ocrbench", tau=0.3).settings.roi.tau == 0.3
+    if adapter.defaults().task_tau:
+        assert load(adapter, task="ocrbench", tau=0.3).settings.roi.tau == 0.3
     with pytest.raises(SdrpnError, match="unknown task 'mmmu'"):
         load(adapter, task="mmmu")
     if family == "llava":  # every LLaVA-1.5 takes the released stage-1 rule by default

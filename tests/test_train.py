@@ -175,7 +175,7 @@ def test_the_released_optimisation_is_the_default_and_updates_are_whole(adapter,
     from sdrpn.train import _schedule
 
     defaults = adapter.defaults()
-    lr, effective = {"llava": (5e-5, 512), "qwen": (1e-4, 128)}[family]
+    lr, effective = (1e-4, 128) if family == "qwen" else (5e-5, 512)  # DeepSeek-VL takes LLaVA-1.5's
     assert (defaults.learning_rate, defaults.effective_batch) == (lr, effective)
     resolved, batches = _schedule(TrainSettings(batch_size=8), defaults, 100_000, processes=2, max_steps=None)
     assert resolved.learning_rate == lr and resolved.grad_accumulation == effective // 16

@@ -8,6 +8,7 @@ import torch
 
 from sdrpn.errors import SdrpnError
 from sdrpn.models.base import AttentionShape, CropTokens, FamilyAdapter, FamilyDefaults, PromptBatch
+from sdrpn.models.deepseek_vl import DeepseekVLAdapter, DeepseekVLHybridAdapter
 from sdrpn.models.llava import LlavaAdapter
 from sdrpn.models.qwen2_5_vl import Qwen2_5_VLAdapter
 from sdrpn.shipped import resolve
@@ -26,6 +27,8 @@ def register_adapter(adapter: type[FamilyAdapter]) -> type[FamilyAdapter]:
 
 register_adapter(LlavaAdapter)
 register_adapter(Qwen2_5_VLAdapter)
+register_adapter(DeepseekVLAdapter)
+register_adapter(DeepseekVLHybridAdapter)
 
 
 def _model_type(name_or_path: str, revision: str | None = None) -> str:

@@ -308,15 +308,19 @@ class FamilyAdapter(ABC):
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
     def middle_band_defaults(self, **overrides) -> FamilyDefaults:
-        """All heads of the middle band of layers [L//4, L//2] for labels, B = L/2 - 1, R = 3.
+        """The middle-band rule (`middle_band`) for this model's depth."""
+        return middle_band(self.attention_shape.num_layers, **overrides)
 
-        The middle band is where MLLMs localise best (paper, Fig. 3 and TwigVLM); it needs no hand-picking,
-        which does not transfer between models anyway."""
-        num_layers = self.attention_shape.num_layers
-        frozen = max(1, num_layers // 2 - 1)
-        return FamilyDefaults(
-            label_heads={layer: None for layer in range(num_layers // 4, num_layers // 2 + 1)},
-            frozen_layers=frozen,
-            rpn_layers=max(1, min(3, num_layers - frozen)),
-            **overrides,
-        )
+
+def middle_band(num_layers: int, **overrides) -> FamilyDefaults:
+    """All heads of the middle band of layers [L//4, L//2] for labels, B = L/2 - 1, R = 3.
+
+    The middle band is where MLLMs localise best (paper, Fig. 3 and TwigVLM); it needs no hand-picking,
+    which does not transfer between models anyway."""
+    frozen = max(1, num_layers // 2 - 1)
+    return FamilyDefaults(
+        label_heads={layer: None for layer in range(num_layers // 4, num_layers // 2 + 1)},
+        frozen_layers=frozen,
+        rpn_layers=max(1, min(3, num_layers - frozen)),
+        **overrides,
+    )

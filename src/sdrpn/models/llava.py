@@ -94,6 +94,8 @@ class LlavaAdapter(StockLayoutAdapter):
     prompt_styles = ("vicuna_v1", "chat_template")
     model_types = ("llava",)
     known_checkpoints = LLAVA_CHECKPOINTS
+    model_class: type[nn.Module] = LlavaForConditionalGeneration
+    processor_class: type = LlavaProcessor
 
     def __init__(self, model: nn.Module, processor, name_or_path: str, *, prompt_style: str | None = None, **options):
         self._refuse_options(options)
@@ -112,16 +114,16 @@ class LlavaAdapter(StockLayoutAdapter):
     ):
         cls._refuse_options(options)
         model, processor = cls._load_parts(
-            name_or_path, LlavaForConditionalGeneration, LlavaProcessor, dtype=dtype, device=device, revision=revision
+            name_or_path, cls.model_class, cls.processor_class, dtype=dtype, device=device, revision=revision
         )
         return cls(model, processor, str(name_or_path), prompt_style=prompt_style, **options)
 
-    @staticmethod
-    def _refuse_options(options: dict) -> None:
+    @classmethod
+    def _refuse_options(cls, options: dict) -> None:
         unknown = {name for name, value in options.items() if value is not None}
         if unknown:
             raise SdrpnError(
-                f"{', '.join(sorted(unknown))} do not apply to LLaVA-1.5, whose input is a fixed square "
+                f"{', '.join(sorted(unknown))} do not apply to {cls.family}, whose input is a fixed square "
                 "(they are Qwen2.5-VL settings)"
             )
 
@@ -167,12 +169,12 @@ class LlavaAdapter(StockLayoutAdapter):
     ) -> PromptBatch:
         """LLaVA-1.5 sees every image padded to a square at one resolution, for training and answering alike."""
         self._check_conversations(images, conversations)
-        fill = self._fill_colour()
-        squares = [pad_to_square(image, fill) for image in images]
         prompts = [self._prompt(c, len(c)) for c in conversations]
-        inputs = self.processor(images=squares, text=prompts, return_tensors="pt", padding=True)
-        inputs = {k: v.to(self.device) for k, v in inputs.items()}
-        inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+        inputs = self.processor(images=self._squares(images), text=prompts, return_tensors="pt", padding=True)
+        inputs = {
+            k: v.to(self.device, self.dtype) if k.endswith("pixel_values") else v.to(self.device)
+            for k, v in inputs.items()
+        }
         input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
         is_visual = input_ids == self.model.config.image_token_id
         counts = is_visual.sum(-1)
@@ -194,9 +196,16 @@ class LlavaAdapter(StockLayoutAdapter):
             conversations=[list(c) for c in conversations],
         )
 
+    def _squares(self, images: list[Image.Image]) -> list[Image.Image]:
+        """What the processor is given: each image padded to a square with the processor's mean colour."""
+        fill = self._fill_colour()
+        return [pad_to_square(image, fill) for image in images]
+
     # --- images and generation -----------------------------------------------------------------
-    def _image_features(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
-        features = self.model.model.get_image_features(pixel_values=pixel_values.to(self.device, self.dtype))
+    def _image_features(self, pixels: dict) -> list[torch.Tensor]:
+        """Visual tokens of processed images: every `*pixel_values` input the vision towers take."""
+        inputs = {k: v.to(self.device, self.dtype) for k, v in pixels.items() if k.endswith("pixel_values")}
+        features = self.model.model.get_image_features(**inputs)
         features = features.pooler_output if hasattr(features, "pooler_output") else features
         return [f.reshape(-1, f.shape[-1]) for f in features]
 
@@ -204,16 +213,21 @@ class LlavaAdapter(StockLayoutAdapter):
         side = self.model.config.vision_config.image_size
         return side, side
 
+    @property
+    def _stretch_side(self) -> int:
+        """The square a crop is stretched to (the released stage 2): the vision tower's input side."""
+        return self.model.config.vision_config.image_size
+
     def encode_crops(
         self, crops: list[Image.Image], *, stretch: bool = False
     ) -> tuple[list[CropTokens], list[Geometry]]:
         """Crops padded to a square (sdrpn), or stretched to the square input (the released stage 2)."""
-        size = self.model.config.vision_config.image_size
+        size = self._stretch_side
         if stretch:
             squares = [image.resize((size, size), Image.BILINEAR) for image in crops]
         else:
-            squares = [pad_to_square(image, self._fill_colour()) for image in crops]
-        features = self._image_features(self.processor.image_processor(squares, return_tensors="pt")["pixel_values"])
+            squares = self._squares(crops)
+        features = self._image_features(self.processor.image_processor(squares, return_tensors="pt"))
         side = int(round(features[0].shape[0] ** 0.5))
         make = Geometry.identity if stretch else Geometry.pad_to_square
         geometries = [make(*image.size, side, side) for image in crops]
@@ -223,7 +237,7 @@ class LlavaAdapter(StockLayoutAdapter):
     def input_embeddings(self, batch: PromptBatch) -> torch.Tensor:
         if batch.embeddings is None:
             embeds = self.model.get_input_embeddings()(batch.inputs["input_ids"])
-            visual = torch.stack(self._image_features(batch.inputs["pixel_values"])).to(embeds.dtype)
+            visual = torch.stack(self._image_features(batch.inputs)).to(embeds.dtype)
             rows = torch.arange(len(visual), device=embeds.device)[:, None]
             embeds[rows, batch.visual_positions] = visual
             batch.embeddings = embeds
