@@ -157,7 +157,8 @@ def vstar_original(root: Path):
     write_json(
         folder / "relative_position/sa_2.json", {"question": "Is it left?", "options": ["yes", "no"]}
     )  # no image
-    return 1, 1
+    (folder / "direct_attributes/sa_3.json").write_text("{broken")
+    return 1, 2
 
 
 def hrbench_tsv(root: Path):

@@ -93,6 +93,23 @@ def test_bad_input_is_counted_not_fatal(llava_adapter, data_root, tmp_path):
     assert "1 records skipped, failed (scored wrong): base 1" in (out / "table.md").read_text()
 
 
+def test_a_sample_the_model_refuses_fails_alone(llava_adapter, data_root, tmp_path, monkeypatch):
+    original = Zoom.ask_batch
+
+    def ask_batch(self, images, questions, method=None, upscale=None):
+        if QUESTIONS[1] in questions:
+            raise SdrpnError("refused")
+        return original(self, images, questions, method, upscale)
+
+    monkeypatch.setattr(Zoom, "ask_batch", ask_batch)
+    out = tmp_path / "out"
+    result = evaluate(llava_adapter, None, settings(data_root, out, methods=["base"], limit=4))
+    assert result.benchmarks["jsonl"]["methods"]["base"]["errors"] == 1  # s1 asks QUESTIONS[1]
+    done = records(out, "base")
+    assert done["s1"] == {"key": "s1", "prediction": None, "error": "refused"}
+    assert all(isinstance(done[k]["prediction"], str) for k in ("s0", "s2", "s3"))
+
+
 def test_predictions_are_the_models_answers(llava_adapter, data_root, tmp_path):
     from sdrpn.infer import load
 

@@ -439,6 +439,7 @@ def _names(text: str) -> list[str]:
 
 def cmd_eval(args) -> int:
     from sdrpn.evaluation.runner import EvalSettings, evaluate
+    from sdrpn.shipped import SHIPPED
 
     settings = EvalSettings(
         benchmarks=_names(args.bench),
@@ -451,8 +452,6 @@ def cmd_eval(args) -> int:
         seed=args.seed,
     )
     _check_device(args.device)
-    from sdrpn.shipped import SHIPPED
-
     rpn = args.model if args.rpn is None and args.model in SHIPPED else args.rpn  # a shipped toy comes with its RPN
     evaluate(_load_adapter(args), rpn, settings)
     print((Path(args.out) / "table.md").read_text(), end="")

@@ -123,11 +123,6 @@ def _hrbench(samples: list[BenchSample], predictions: list[str | None]) -> Score
 # --- readers --------------------------------------------------------------------------------------------------
 
 
-def _rows_of(files: list[Path]):
-    for path in files:
-        yield from parquet_rows(path)
-
-
 def _table_reader(make: Callable[[dict, Callable, str], BenchSample]) -> Callable[[Path, list[Path]], BenchData]:
     """Parquet shards read in order (one sample per row)."""
 
@@ -142,7 +137,8 @@ def _keyed(make, stem: str):
 
 
 def _json_reader(make: Callable[[dict, Path, str], BenchSample]) -> Callable[[Path, list[Path]], BenchData]:
-    """Original JSON files: each record names its image relative to the benchmark's folder."""
+    """Original JSON files (a list, {"data": [...]}, JSON Lines, or one record per file): each record names its
+    image relative to the file; a file that is not JSON is skipped like a bad record."""
 
     def read(folder: Path, files: list[Path]) -> BenchData:
         parts = []
@@ -150,7 +146,9 @@ def _json_reader(make: Callable[[dict, Path, str], BenchSample]) -> Callable[[Pa
             try:
                 records = json_records(path)
             except (ValueError, UnicodeDecodeError) as error:
-                raise SdrpnError(f"'{path}' is not JSON: {error}") from None
+                parts.append(BenchData([], [f"{path.name}: not JSON ({' '.join(str(error).split())})"]))
+                continue
+            records = [records] if isinstance(records, dict) else records  # V*: one record per file
             rows = ((record, None) for record in (records if isinstance(records, list) else []))
             parts.append(collect(rows, lambda record, _, row, path=path: make(record, path, row), path.name))
         return merge(parts)
@@ -292,18 +290,6 @@ def _vstar_json(record, path, row):
     question = options_text(field_text(record, "question"), options) + VSTAR_PROMPT
     image = images[0]
     return BenchSample(f"{path.parent.name}/{path.stem}", question, lambda: image, ["A"], path.parent.name, options)
-
-
-def _vstar_json_reader(folder: Path, files: list[Path]) -> BenchData:
-    parts = []
-    for path in files:
-        try:
-            record = json_records(path)
-        except (ValueError, UnicodeDecodeError) as error:
-            parts.append(BenchData([], [f"{path.name}: not JSON ({error})"]))
-            continue
-        parts.append(collect([(record, None)], lambda r, _, row, path=path: _vstar_json(r, path, row), path.name))
-    return merge(parts)
 
 
 def _hrbench(record, image, key):
@@ -489,7 +475,7 @@ BENCHMARKS: dict[str, Benchmark] = {
                 _hf(("data/test-*.parquet", "test-*.parquet"), _vstar_hf, "lmms-lab/vstar-bench"),
                 _original(
                     ("direct_attributes/*.json", "relative_position/*.json"),
-                    _vstar_json_reader,
+                    _json_reader(_vstar_json),
                     "the original release, <category>/<name>.json beside <name>.jpg",
                 ),
             ),

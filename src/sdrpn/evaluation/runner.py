@@ -36,7 +36,8 @@ class EvalSettings:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        self.out = Path(self.out)
+        self.out = Path(self.out).expanduser()
+        self.data_root = None if self.data_root is None else Path(self.data_root).expanduser()
         for name in self.benchmarks:
             if name not in BENCHMARKS:
                 raise SdrpnError(f"unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)}")
@@ -91,7 +92,10 @@ def _claim(out: Path, identity: dict) -> None:
     """An output folder holds one model + RPN + settings: resuming with others would mix their answers."""
     path = out / "run.json"
     if path.is_file():
-        recorded = json.loads(path.read_text())
+        try:
+            recorded = json.loads(path.read_text())
+        except (ValueError, UnicodeDecodeError):
+            raise SdrpnError(f"'{path}' is not the JSON sdrpn eval wrote; use another --out") from None
         if recorded != identity:
             changed = ", ".join(k for k in identity if recorded.get(k) != identity[k])
             raise SdrpnError(f"'{out}' holds results of another run ({changed} differ); use another --out")
@@ -100,15 +104,15 @@ def _claim(out: Path, identity: dict) -> None:
 
 
 def _answer(zoom, method: str, samples: list[BenchSample], images: list) -> list[dict]:
-    """One batch through one method; a sample the model refuses (an SdrpnError) is answered alone, and
-    recorded as an error if it still fails."""
+    """One batch through one method; when the model refuses it (an SdrpnError), each sample is tried alone and
+    one that still fails is recorded as an error (scored wrong)."""
     started = time.perf_counter()
     try:
         results = zoom.ask_batch(images, [s.question for s in samples], method=method)
-    except SdrpnError:
+    except SdrpnError as error:
         if len(samples) == 1:
-            raise
-        return [record for s, image in zip(samples, images) for record in _answer_alone(zoom, method, s, image)]
+            return [_failed(samples[0], error)]
+        return [record for s, image in zip(samples, images) for record in _answer(zoom, method, [s], [image])]
     seconds = (time.perf_counter() - started) / len(samples)
     return [
         {
@@ -120,13 +124,6 @@ def _answer(zoom, method: str, samples: list[BenchSample], images: list) -> list
         }
         for s, r in zip(samples, results)
     ]
-
-
-def _answer_alone(zoom, method: str, sample: BenchSample, image) -> list[dict]:
-    try:
-        return _answer(zoom, method, [sample], [image])
-    except SdrpnError as error:
-        return [_failed(sample, error)]
 
 
 def _failed(sample: BenchSample, error: Exception) -> dict:
