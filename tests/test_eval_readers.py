@@ -283,3 +283,12 @@ def test_toy_scenes_carry_their_ground_truth():
     assert [s.answers[0] for s in data.samples] == [t.answer for t in truth]
     assert [s.question for s in data.samples] == [t.question for t in truth]
     assert data.samples[0].image().tobytes() == truth[0].image.tobytes()
+
+
+def test_a_key_repeated_in_another_shard_is_skipped(tmp_path):
+    for shard in range(2):
+        row = {"question_id": 5, "question": f"shard {shard}?", "answers": TEN, "image": png()}
+        write_parquet(tmp_path / f"textvqa/data/validation-0000{shard}-of-00002.parquet", [row])
+    data = read_benchmark("textvqa", tmp_path, ReadContext())
+    assert [s.question.split("\n")[0] for s in data.samples] == ["Shard 0?"]
+    assert data.skipped == ["key '5': repeats a sample of an earlier file"]

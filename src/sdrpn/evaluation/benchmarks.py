@@ -108,7 +108,7 @@ def _pope(samples: list[BenchSample], predictions: list[str | None]) -> Scores:
     return scores
 
 
-def _hrbench(samples: list[BenchSample], predictions: list[str | None]) -> Scores:
+def _hrbench_scores(samples: list[BenchSample], predictions: list[str | None]) -> Scores:
     """HR-Bench's average is the mean over its option cycles of each cycle's accuracy (as lmms-eval aggregates);
     FSP / FCP are the single- and cross-instance questions."""
     right = [float(metrics.parse_option_letter(p, s.options) == s.answers[0]) for p, s in zip(predictions, samples)]
@@ -292,7 +292,7 @@ def _vstar_json(record, path, row):
     return BenchSample(f"{path.parent.name}/{path.stem}", question, lambda: image, ["A"], path.parent.name, options)
 
 
-def _hrbench(record, image, key):
+def _hrbench_sample(record, image, key):
     options = {letter: str(record[letter]).strip() for letter in "ABCD" if record.get(letter) not in (None, "")}
     if len(options) < 2:
         raise BadRecord("fewer than two options A-D")
@@ -315,7 +315,7 @@ def _hrbench_reader(folder: Path, files: list[Path]) -> BenchData:
     parts = []
     for path in files:
         rows = parquet_rows(path) if path.suffix == ".parquet" else tsv_rows(path)
-        parts.append(collect(rows, _keyed(_hrbench, path.stem), path.name))
+        parts.append(collect(rows, _keyed(_hrbench_sample, path.stem), path.name))
     return merge(parts)
 
 
@@ -369,7 +369,7 @@ def _original(patterns: tuple[str, ...], read, what: str) -> Layout:
 def _hrbench_benchmark(size: str) -> Benchmark:
     files = (f"hr_bench_{size}*.parquet", f"hr_bench_{size}*.tsv")
     layout = _original(files, _hrbench_reader, "the HR-Bench release, images in base64")
-    return Benchmark(f"hrbench{size}", (layout,), _hrbench, 16, "hrbench", "mean accuracy over option cycles")
+    return Benchmark(f"hrbench{size}", (layout,), _hrbench_scores, 16, "hrbench", "mean accuracy over option cycles")
 
 
 BENCHMARKS: dict[str, Benchmark] = {

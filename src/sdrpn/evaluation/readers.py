@@ -160,7 +160,15 @@ def collect(rows, make: Callable[[dict, ImageSource, str], BenchSample], where: 
 
 
 def merge(parts: list[BenchData]) -> BenchData:
-    return BenchData([s for part in parts for s in part.samples], [reason for part in parts for reason in part.skipped])
+    """The files of one benchmark as one: a key repeated in a later file is skipped there."""
+    merged, seen = BenchData([], [reason for part in parts for reason in part.skipped]), set()
+    for sample in (s for part in parts for s in part.samples):
+        if sample.key in seen:
+            merged.skipped.append(f"key {sample.key!r}: repeats a sample of an earlier file")
+            continue
+        seen.add(sample.key)
+        merged.samples.append(sample)
+    return merged
 
 
 def inside(root: Path, relative: str) -> Path:
