@@ -25,10 +25,11 @@ def png(width: int = 24, height: int = 16, colour=(200, 30, 30)) -> bytes:
 
 
 def write_parquet(path: Path, rows: list[dict], image_as: str = "struct") -> None:
-    """Rows as `datasets` writes them: the image a {"bytes", "path"} struct (or base64 text, HR-Bench)."""
+    """Rows as `datasets` writes them: the image a {"bytes", "path"} struct (or base64 text, HR-Bench); a row
+    without one gets a small PNG."""
     path.parent.mkdir(parents=True, exist_ok=True)
     for row in rows:
-        data = row.pop("image")
+        data = row.pop("image", None) or png()
         row["image"] = {"bytes": data, "path": None} if image_as == "struct" else base64.b64encode(data).decode()
     pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=2)  # several row groups
 
@@ -100,8 +101,6 @@ def ocrbench_hf(root: Path):
         {"question": "read it", "answer": ["HELLO"], "dataset": "IIIT5K", "question_type": "Regular Text Recognition"},
         {"question": "read it", "answer": [""], "dataset": "IIIT5K", "question_type": "Regular Text Recognition"},
     ]
-    for row in rows:
-        row["image"] = png()
     write_parquet(root / "ocrbench/data/test-00000-of-00001.parquet", rows)
     return 1, 1
 
@@ -142,8 +141,6 @@ def vstar_hf(root: Path):
         {"question_id": 1, "text": "What colour? no options", "label": "A", "category": "direct_attributes"},
         {"question_id": 2, "text": "Left? (A) yes (B) no", "label": "C", "category": "relative_position"},
     ]
-    for row in rows:
-        row["image"] = png()
     write_parquet(root / "vstar/test-00000-of-00001.parquet", rows)
     return 1, 2
 
