@@ -128,6 +128,13 @@ def test_another_run_in_the_same_folder_is_refused(llava_adapter, data_root, tmp
         evaluate(llava_adapter, None, settings(data_root, out, methods=["base"], limit=1, task_presets=True))
 
 
+def test_missing_benchmark_stops_before_any_answer(llava_adapter, data_root, tmp_path, monkeypatch):
+    calls = counting_ask_batch(monkeypatch)
+    with pytest.raises(SdrpnError, match=r"pope: no data in '.*pope'; expected .*coco_pope_"):
+        evaluate(llava_adapter, None, settings(data_root, tmp_path / "o", benchmarks=["jsonl", "pope"]))
+    assert calls == []
+
+
 def test_settings_refuse_what_cannot_run(llava_adapter, data_root, tmp_path):
     with pytest.raises(SdrpnError, match="unknown method 'zoom'"):
         settings(data_root, tmp_path, methods=["zoom"])

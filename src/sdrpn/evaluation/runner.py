@@ -17,7 +17,7 @@ from pathlib import Path
 
 from sdrpn.errors import SdrpnError
 from sdrpn.evaluation.benchmarks import BENCHMARKS, ReadContext, read_benchmark
-from sdrpn.evaluation.readers import BenchSample
+from sdrpn.evaluation.readers import BenchData, BenchSample
 from sdrpn.files import atomic_write, atomic_write_json
 from sdrpn.images import load_image
 from sdrpn.infer import METHODS, askable_methods, load
@@ -137,14 +137,22 @@ def _open_image(sample: BenchSample):
         return error
 
 
-def run_benchmark(adapter, rpn, name: str, settings: EvalSettings, context: ReadContext) -> BenchResult:
+def read_all(settings: EvalSettings, context: ReadContext) -> dict[str, BenchData]:
+    """Every benchmark's samples, before any answer: missing or unusable data stops the run at once."""
+    datasets = {}
+    for name in settings.benchmarks:
+        data = read_benchmark(name, settings.data_root, context)
+        if not data.samples:
+            raise SdrpnError(f"{name}: no usable sample ({len(data.skipped)} skipped, e.g. {data.skipped[:1]})")
+        datasets[name] = data
+    return datasets
+
+
+def run_benchmark(adapter, rpn, name: str, data: BenchData, settings: EvalSettings) -> BenchResult:
     """Answer every sample of one benchmark with every method (resuming), then score."""
     from tqdm.auto import tqdm
 
     benchmark = BENCHMARKS[name]
-    data = read_benchmark(name, settings.data_root, context)
-    if not data.samples:
-        raise SdrpnError(f"{name}: no usable sample ({len(data.skipped)} skipped, e.g. {data.skipped[:1]})")
     presets = adapter.defaults().task_tau
     task = benchmark.task if settings.task_presets and benchmark.task in presets else None
     zoom = load(adapter, rpn, task=task, max_new_tokens=benchmark.max_new_tokens)
@@ -256,10 +264,11 @@ def evaluate(adapter, rpn, settings: EvalSettings) -> EvalResult:
     _claim(settings.out, identity)
     aspects = _toy_aspects(adapter) if "toy" in settings.benchmarks else None
     context = ReadContext(limit=settings.limit, seed=settings.seed, toy_aspects=aspects)
+    datasets = read_all(settings, context)
     result = EvalResult()
     ratios: dict[str, list[float]] = {m: [] for m in settings.methods}
-    for name in settings.benchmarks:
-        bench = run_benchmark(adapter, zoom.rpn, name, settings, context)
+    for name, data in datasets.items():
+        bench = run_benchmark(adapter, zoom.rpn, name, data, settings)
         result.benchmarks[name] = bench.summary
         for method in settings.methods:
             ratios[method] += bench.ratios[method]
