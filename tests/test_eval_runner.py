@@ -174,3 +174,37 @@ def test_cli_bad_input_is_one_line(tmp_path, capsys):
         capsys.readouterr().err.strip()
         == "sdrpn eval: error: benchmark pope needs --data-root (a folder holding pope/)"
     )
+
+
+def test_cli_resumes_after_a_kill(tmp_path):
+    """A real SIGKILL mid-run: the re-run keeps every finished answer and adds only the missing ones."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "killed"
+    argv = ["eval", "--model", "toy", "--bench", "toy", "--method", "base", "--out", str(out)]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "sdrpn.cli", *argv, "--limit", "40"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    predictions = out / "predictions/toy/base.jsonl"
+    deadline = time.monotonic() + 300
+    while process.poll() is None and time.monotonic() < deadline:
+        if predictions.is_file() and predictions.read_text().count("\n") >= 2:
+            break
+        time.sleep(0.05)
+    if process.poll() is None:
+        process.send_signal(signal.SIGKILL)
+    process.wait()
+    before = Predictions(predictions).done
+    assert 2 <= len(before) < 40, "the run was not stopped midway"
+
+    assert main([*argv, "--limit", str(len(before) + 2)]) == 0
+    after = Predictions(predictions).done
+    assert len(after) == len(before) + 2
+    assert all(after[key] == record for key, record in before.items())  # nothing answered twice
+    assert os.path.getsize(predictions) == sum(len(json.dumps(r)) + 1 for r in after.values())
