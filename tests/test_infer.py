@@ -657,3 +657,13 @@ def test_a_multi_frame_image_is_read_at_its_first_frame_and_the_result_says_so(a
     assert result.warnings == [f"image '{path}' has 2 frames; only the first is used"]
     assert result.to_json()["warnings"] == result.warnings
     assert zoom.ask(first, "where ?").warnings == []
+
+
+def test_vicrop_suffix_is_added_once_whatever_separates_it():
+    from sdrpn.infer import _with_suffix
+
+    assert _with_suffix("what is it?", 0) == "what is it?" + VICROP_SUFFIX
+    assert _with_suffix("what is it?" + VICROP_SUFFIX, 0) == "what is it?" + VICROP_SUFFIX
+    newline = "what is it?\n" + VICROP_SUFFIX.strip()
+    assert _with_suffix(newline, 0) == newline
+    assert _with_suffix("an answer", 1) == "an answer"

@@ -247,6 +247,28 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also the released code's label queries, stage 2 and stage 1 + 2 against the toy's own settings",
     )
+    evaluate = commands.add_parser("eval", help="score methods on benchmarks (official metrics) with throughput")
+    _add_model(evaluate)
+    evaluate.add_argument(
+        "--rpn",
+        default=None,
+        help="RPN checkpoint folder (needed for --method sdrpn; a shipped toy model's by default)",
+    )
+    evaluate.add_argument(
+        "--bench",
+        required=True,
+        help="comma-separated: textvqa, docvqa, infovqa, chartqa, ocrbench, pope, vstar, "
+        "hrbench4k, hrbench8k, jsonl, toy",
+    )
+    evaluate.add_argument("--data-root", default=None, help="folder holding one folder per benchmark (<root>/textvqa/)")
+    evaluate.add_argument("--method", default="base,sdrpn", help="comma-separated: base, sdrpn, vicrop, raw-attention")
+    evaluate.add_argument(
+        "--task-presets", action="store_true", help="the model family's per-benchmark RoI threshold (released tau)"
+    )
+    evaluate.add_argument("--limit", type=positive_int, default=None, help="the first N samples of each benchmark")
+    evaluate.add_argument("--batch-size", type=positive_int, default=1, help="samples per forward (the paper: 1)")
+    evaluate.add_argument("--seed", type=int, default=7, help="toy benchmark: the scenes' seed")
+    evaluate.add_argument("--out", default="sdrpn-eval", help="results folder (re-running resumes)")
     return parser
 
 
@@ -411,6 +433,32 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def _names(text: str) -> list[str]:
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
+def cmd_eval(args) -> int:
+    from sdrpn.evaluation.runner import EvalSettings, evaluate
+    from sdrpn.shipped import SHIPPED
+
+    settings = EvalSettings(
+        benchmarks=_names(args.bench),
+        methods=_names(args.method),
+        out=args.out,
+        data_root=args.data_root,
+        task_presets=args.task_presets,
+        limit=args.limit,
+        batch_size=args.batch_size,
+        seed=args.seed,
+    )
+    _check_device(args.device)
+    rpn = args.model if args.rpn is None and args.model in SHIPPED else args.rpn  # a shipped toy comes with its RPN
+    evaluate(_load_adapter(args), rpn, settings)
+    print((Path(args.out) / "table.md").read_text(), end="")
+    print(f"predictions, summary.json and table.md in {args.out}", file=sys.stderr)
+    return 0
+
+
 COMMANDS = {
     "label": cmd_label,
     "train": cmd_train,
@@ -418,6 +466,7 @@ COMMANDS = {
     "selftest": cmd_selftest,
     "demo": cmd_demo,
     "bench": cmd_bench,
+    "eval": cmd_eval,
 }
 
 

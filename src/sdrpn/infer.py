@@ -48,8 +48,9 @@ VICROP_SUFFIX = " Answer the question using a single word or phrase."
 
 
 def _with_suffix(turn: str, index: int) -> str:
-    """A user turn as ViCrop asks it (the suffix once); assistant turns unchanged."""
-    return turn if index % 2 or turn.endswith(VICROP_SUFFIX) else turn + VICROP_SUFFIX
+    """A user turn as ViCrop asks it (the suffix once, also when the turn already ends with it after a newline, as
+    benchmark prompts do); assistant turns unchanged."""
+    return turn if index % 2 or turn.rstrip().endswith(VICROP_SUFFIX.strip()) else turn + VICROP_SUFFIX
 
 
 @dataclass

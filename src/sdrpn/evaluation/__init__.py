@@ -1,0 +1,1 @@
+"""Evaluation on published benchmarks (and the toy world): readers, official metrics, runs, the paper's table."""
