@@ -252,6 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_label(args) -> int:
     from sdrpn.data import file_fingerprint, read_samples, shuffled_subset
+    from sdrpn.distributed import process_device, run_state
     from sdrpn.labeling import LabelSettings, generate_labels, label_heads_from_text
 
     settings = LabelSettings(
@@ -269,6 +270,7 @@ def cmd_label(args) -> int:
     )
     check_output_folder(args.out)
     _check_device(args.device)
+    args.device = process_device(args.device)
     sources = [part.strip() for part in args.source.split(",") if part.strip()] if args.source else None
     report = read_samples(args.data, args.image_root, sources=sources)
     samples = shuffled_subset(report.samples, args.max_samples, args.seed)
@@ -284,6 +286,8 @@ def cmd_label(args) -> int:
         force=args.force,
         image_root=report.root,
     )
+    if not run_state().is_main_process:  # every process holds the whole run's report: one prints it
+        return 0
     bad = report.bad + result.bad
     for reason in bad:
         print(f"skipped: {reason}", file=sys.stderr)

@@ -22,10 +22,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator, PartialState
+from accelerate import Accelerator
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
+from sdrpn.distributed import run_state
 from sdrpn.errors import SdrpnError
 from sdrpn.files import atomic_write, clean_stale_temporaries
 from sdrpn.images import load_image
@@ -166,7 +167,7 @@ def train_rpn(
     precision = settings.mixed_precision
     if precision == "auto":
         precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-    processes = PartialState().num_processes  # each process takes its own slice of every global batch
+    processes = run_state().num_processes  # each process takes its own slice of every global batch
     settings, total_batches = _schedule(settings, defaults, len(records), processes, max_steps)
     accelerator = Accelerator(mixed_precision=precision, gradient_accumulation_steps=settings.grad_accumulation)
     optimizer = torch.optim.AdamW(
