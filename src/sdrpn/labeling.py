@@ -330,9 +330,7 @@ def _label_share(
     """Label this process's samples; finished records are written even when the run is interrupted."""
     report = LabelReport()
     pending: list[dict] = []
-    bar = tqdm(
-        total=len(todo), desc="labels", unit="sample", disable=not progress or not run_state().is_main_process
-    )
+    bar = tqdm(total=len(todo), desc="labels", unit="sample", disable=not progress or not run_state().is_main_process)
     try:
         for start in range(0, len(todo), batch_size):
             chunk, images = [], []
