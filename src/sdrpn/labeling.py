@@ -4,7 +4,7 @@ Labels are cached on disk in shards written atomically; a re-run skips the sampl
 interrupted run (Ctrl-C, or the launcher stopping a multi-process run) first writes what it finished, so it
 loses at most the batch in flight. Several processes share the work:
 
-    accelerate launch --num_processes 4 -m sdrpn.cli label --model M --data D --out LABELS
+    accelerate launch --multi_gpu --num_processes 4 -m sdrpn.cli label --model M --data D --out LABELS
 
 Each record keeps the raw map, the token norms and
 the sink map too, so label settings (and the ablations that regress raw attention) can change without

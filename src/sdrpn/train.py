@@ -1,13 +1,15 @@
 """Self-distillation of the RPN from a label folder (paper 3.3, Algorithm 1).
 
 One process:            sdrpn train --model M --labels LABELS --out RPN
-Several GPUs, one node: accelerate launch --num_processes 4 -m sdrpn.cli train --model M --labels LABELS --out RPN
+Several GPUs, one node: accelerate launch --multi_gpu --num_processes 4 -m sdrpn.cli train --model M --labels ...
+(or torchrun --nproc-per-node 4 -m sdrpn.cli train ...; without a GPU the processes meet over gloo on the CPU)
 
-Only the RPN's R layers train; the B frozen layers run under no_grad. The loss is BCE-with-logits on the
-labelled tokens only (0 when a sample has none). AdamW (0.9, 0.98), no weight decay, cosine schedule with
-3% warm-up, gradient clipping. `--resume` continues from the last step checkpoint in the output folder: one file
-(`OUT/resume.pt`, written atomically, read without unpickling code) holding the RPN, optimiser, schedule, step
-and the run's identity (settings, data); a resume with other settings or data is refused.
+Only the RPN's R layers train; the B frozen layers run under no_grad, so they keep no activations and gradient
+checkpointing them would save nothing; `--cache-prefix` stores their output so later epochs skip them. The loss is
+BCE-with-logits on the labelled tokens only (0 when a sample has none). AdamW (0.9, 0.98), no weight decay, cosine
+schedule with 3% warm-up, gradient clipping. `--resume` continues from the last step checkpoint in the output
+folder: one file (`OUT/resume.pt`, written atomically, read without unpickling code) holding the RPN, optimiser,
+schedule, step and the run's identity (settings, data); a resume with other settings or data is refused.
 """
 
 from __future__ import annotations
