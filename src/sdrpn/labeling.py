@@ -6,9 +6,8 @@ loses at most the batch in flight. Several processes share the work:
 
     accelerate launch --multi_gpu --num_processes 4 -m sdrpn.cli label --model M --data D --out LABELS
 
-Each record keeps the raw map, the token norms and
-the sink map too, so label settings (and the ablations that regress raw attention) can change without
-decoding again.
+Each record keeps the raw map, the token norms and the sink map too, so label settings (and the ablations that
+regress raw attention) can change without decoding again.
 """
 
 from __future__ import annotations
