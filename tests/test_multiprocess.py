@@ -24,7 +24,9 @@ from sdrpn.train import TrainSettings, masked_bce, train_rpn, training_targets
 from tests.conftest import QUESTIONS, build_tiny, random_images
 from tests.test_train import _planted_labels
 
-BIN = Path(sys.executable).parent
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+ACCELERATE += ["--main_process_port", "0", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
 SAMPLES = 16
 
 
@@ -55,8 +57,7 @@ def test_a_killed_two_process_run_resumes_to_the_one_process_labels(world):
     reference = {r["sample_id"]: r for r in LabelCache(world / "reference").records()}
 
     worker = Path(__file__).with_name("multiprocess_worker.py")
-    torchrun = [str(BIN / "torchrun"), "--standalone", "--nproc-per-node", "2"]
-    killed = _launch([*torchrun, str(worker), "model", "data.jsonl", "labels"], world)
+    killed = _launch([*TORCHRUN, str(worker), "model", "data.jsonl", "labels"], world)
     assert killed.returncode != 0
     assert re.search(r"rank 0 interrupted after [2-7] images", killed.stdout), killed.stdout + killed.stderr[-2000:]
     first_half = {s.sample_id for s in samples[: SAMPLES // 2]}
@@ -65,9 +66,7 @@ def test_a_killed_two_process_run_resumes_to_the_one_process_labels(world):
     assert not list((world / "labels").glob(".shard-*"))  # no half-written shard
 
     label = ["label", "--model", "model", "--data", "data.jsonl", "--out", "labels", "--max-new-tokens", "3"]
-    accelerate = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", "0"]
-    resumed = _launch([*accelerate, "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                       "-m", "sdrpn.cli", *label], world)  # fmt: skip
+    resumed = _launch([*ACCELERATE, "-m", "sdrpn.cli", *label], world)
     assert resumed.returncode == 0, [line for line in resumed.stderr.splitlines() if "error" in line]
     summary = f"labelled {SAMPLES - len(survived)}, already done {len(survived)}, bad 0"
     assert resumed.stdout.count(summary) == 1, resumed.stdout  # nothing labelled twice, printed once
@@ -103,7 +102,7 @@ def test_two_process_training_reaches_the_one_process_result(world, tmp_path):
     train = ["-m", "sdrpn.cli", "train", "--model", str(world / "model"), "--labels", str(labels)]
     train += ["--out", str(tmp_path / "pair"), "-B", "2", "-R", "2", "--batch-size", "2", "--grad-accumulation", "1"]
     train += ["--epochs", "2", "--lr", "3e-3", "--seed", "3"]
-    pair = _launch([str(BIN / "torchrun"), "--standalone", "--nproc-per-node", "2", *train], tmp_path)
+    pair = _launch([*TORCHRUN, *train], tmp_path)
     assert pair.returncode == 0, pair.stderr[-2000:]
     assert pair.stdout.count("RPN (B=2, R=2) saved") == 1
     loaded = load_rpn(tmp_path / "pair", adapter)
