@@ -173,7 +173,19 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--max-steps", type=positive_int, default=None)
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--save-every", type=int, default=0, help="steps between resumable checkpoints")
-    train.add_argument("--mixed-precision", choices=("auto", "bf16", "no"), default="auto")
+    train.add_argument(
+        "--mixed-precision",
+        choices=("auto", "bf16", "fp16", "no"),
+        default="auto",
+        help="auto: bf16 on a GPU that has it (released), else no; fp16 needs a GPU",
+    )
+    train.add_argument(
+        "--cache-prefix",
+        default=None,
+        metavar="DIR",
+        help="keep the frozen layers' output of every sample here (on disk, memory-mapped): epochs after the "
+        "first run only the RPN's layers",
+    )
     train.add_argument("--target", choices=("labels", "labels-no-sinks", "raw-mse"), default="labels")
     train.add_argument(
         "--final-norm",
@@ -274,6 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_label(args) -> int:
     from sdrpn.data import file_fingerprint, read_samples, shuffled_subset
+    from sdrpn.distributed import process_device, run_state
     from sdrpn.labeling import LabelSettings, generate_labels, label_heads_from_text
 
     settings = LabelSettings(
@@ -291,6 +304,7 @@ def cmd_label(args) -> int:
     )
     check_output_folder(args.out)
     _check_device(args.device)
+    args.device = process_device(args.device)
     sources = [part.strip() for part in args.source.split(",") if part.strip()] if args.source else None
     report = read_samples(args.data, args.image_root, sources=sources)
     samples = shuffled_subset(report.samples, args.max_samples, args.seed)
@@ -306,6 +320,8 @@ def cmd_label(args) -> int:
         force=args.force,
         image_root=report.root,
     )
+    if not run_state().is_main_process:  # every process holds the whole run's report: one prints it
+        return 0
     bad = report.bad + result.bad
     for reason in bad:
         print(f"skipped: {reason}", file=sys.stderr)
@@ -317,6 +333,7 @@ def cmd_label(args) -> int:
 
 
 def cmd_train(args) -> int:
+    from sdrpn.distributed import process_device, run_state
     from sdrpn.train import TrainSettings, train_rpn
 
     settings = TrainSettings(
@@ -334,10 +351,22 @@ def cmd_train(args) -> int:
         final_norm=args.final_norm,
     )
     check_output_folder(args.out)
+    if args.cache_prefix:
+        check_output_folder(args.cache_prefix, "--cache-prefix")
     _check_device(args.device)
+    args.device = process_device(args.device)
     adapter = _load_adapter(args)
-    rpn = train_rpn(adapter, args.labels, args.out, settings, resume=args.resume, max_steps=args.max_steps)
-    print(f"RPN (B={rpn.config.frozen_layers}, R={rpn.config.rpn_layers}) saved to {args.out}")
+    rpn = train_rpn(
+        adapter,
+        args.labels,
+        args.out,
+        settings,
+        resume=args.resume,
+        max_steps=args.max_steps,
+        prefix_cache=args.cache_prefix,
+    )
+    if run_state().is_main_process:
+        print(f"RPN (B={rpn.config.frozen_layers}, R={rpn.config.rpn_layers}) saved to {args.out}")
     return 0
 
 

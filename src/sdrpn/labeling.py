@@ -1,9 +1,13 @@
 """Pseudo-label generation (paper 3.2): the frozen MLLM answers, its attention becomes labels.
 
-Labels are cached on disk in shards written atomically; a re-run skips the samples already done, so an
-interrupted run loses at most the shard in flight. Each record keeps the raw map, the token norms and
-the sink map too, so label settings (and the ablations that regress raw attention) can change without
-decoding again.
+Labels are cached on disk in shards written atomically; a re-run skips the samples already done, and an
+interrupted run (Ctrl-C, or the launcher stopping a multi-process run) first writes what it finished, so it
+loses at most the batch in flight. Several processes share the work:
+
+    accelerate launch --multi_gpu --num_processes 4 -m sdrpn.cli label --model M --data D --out LABELS
+
+Each record keeps the raw map, the token norms and the sink map too, so label settings (and the ablations that
+regress raw attention) can change without decoding again.
 """
 
 from __future__ import annotations
@@ -15,15 +19,17 @@ import secrets
 import socket
 import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from sdrpn.attention import HEAD_WEIGHTINGS, QUERIES, teacher_attention
 from sdrpn.data import Sample
+from sdrpn.distributed import decided_by_main, run_state, terminate_as_interrupt
 from sdrpn.errors import SdrpnError
 from sdrpn.files import atomic_write, atomic_write_json, clean_stale_temporaries
 from sdrpn.images import load_image
@@ -138,6 +144,16 @@ class LabelReport:
     skipped_done: int = 0
     bad: list[str] = field(default_factory=list)
     dropped: int = 0  # labelled, but the foreground box was too large: all ignored
+
+    @classmethod
+    def total(cls, reports: list[LabelReport]) -> LabelReport:
+        """The whole run's report from every process's own (samples already done are counted once)."""
+        return cls(
+            labelled=sum(r.labelled for r in reports),
+            skipped_done=reports[0].skipped_done,
+            bad=[reason for r in reports for reason in r.bad],
+            dropped=sum(r.dropped for r in reports),
+        )
 
 
 class LabelCache:
@@ -273,18 +289,48 @@ def generate_labels(
     """Label `samples` into `out_dir`; resumable, and bad samples are counted, not fatal.
 
     `open_image(sample.image_path)` gives the RGB image; replace it for images that are not files. `data` is
-    the data file's fingerprint: a resume with another file is refused unless `force`."""
+    the data file's fingerprint: a resume with another file is refused unless `force`.
+
+    Launched on several processes (`accelerate launch`, `torchrun`), the main process holds the folder and
+    finds what is left to do; every process labels its own share into its own shards, and the report that
+    every process returns counts them all."""
     settings = (settings or LabelSettings()).resolved(adapter)
     adapter.use_prompt_style(settings.prompt_style)
+    state = run_state()
+    if state.num_processes > 1:
+        adapter.model.to(state.device)
     cache = LabelCache(out_dir)
-    with cache.lock():
-        clean_stale_temporaries(cache.directory, ["shard-*.pt", SETTINGS_NAME], min_age=0)  # left by a kill
-        cache.start(adapter.name_or_path, settings, data, force=force, image_root=image_root)
-        done = cache.done_ids()
-        report = LabelReport(skipped_done=sum(s.sample_id in done for s in samples))
+    with ExitStack() as held:
+
+        def open_folder() -> set[str]:
+            held.enter_context(cache.lock())
+            clean_stale_temporaries(cache.directory, ["shard-*.pt", SETTINGS_NAME], min_age=0)  # left by a kill
+            cache.start(adapter.name_or_path, settings, data, force=force, image_root=image_root)
+            return cache.done_ids()
+
+        done = decided_by_main(open_folder)
         todo = [s for s in samples if s.sample_id not in done]
-        pending: list[dict] = []
-        bar = tqdm(total=len(todo), desc="labels", unit="sample", disable=not progress)
+        with state.split_between_processes(todo) as share, terminate_as_interrupt():
+            report = _label_share(adapter, cache, share, settings, batch_size, shard_size, open_image, progress)
+        report.skipped_done = len(samples) - len(todo)
+        return LabelReport.total(gather_object([report])) if state.num_processes > 1 else report
+
+
+def _label_share(
+    adapter: FamilyAdapter,
+    cache: LabelCache,
+    todo: list[Sample],
+    settings: LabelSettings,
+    batch_size: int,
+    shard_size: int,
+    open_image: Callable,
+    progress: bool,
+) -> LabelReport:
+    """Label this process's samples; finished records are written even when the run is interrupted."""
+    report = LabelReport()
+    pending: list[dict] = []
+    bar = tqdm(total=len(todo), desc="labels", unit="sample", disable=not progress or not run_state().is_main_process)
+    try:
         for start in range(0, len(todo), batch_size):
             chunk, images = [], []
             for sample in todo[start : start + batch_size]:
@@ -297,33 +343,43 @@ def generate_labels(
                 except SdrpnError as error:
                     report.bad.append(f"{sample.sample_id}: {error}")
             if chunk:
-                batch = adapter.prepare(images, [[s.question] for s in chunk], training=True)
-                output = teacher_attention(
-                    adapter,
-                    batch,
-                    settings.label_heads,
-                    max_new_tokens=settings.max_new_tokens,
-                    norm_layer=settings.norm_layer if settings.sink_rule == "norm" else None,
-                    sink_heads=settings.sink_heads if settings.sink_rule == "attention" else None,
-                    queries=settings.queries,
-                    head_weighting=settings.head_weighting,
-                    forced_answers=_answer_ids(adapter, chunk) if settings.answers == "dataset" else None,
-                )
-                for index, sample in enumerate(chunk):
-                    record = _record(sample, index, output)
-                    labels = make_labels(record["raw_map"], record["norms"], record["sink_map"], settings)
-                    record["labels"] = labels.to(torch.int8)
-                    pending.append(record)
-                    report.dropped += bool((labels == -1).all())
-                report.labelled += len(chunk)
+                pending.extend(_label_chunk(adapter, chunk, images, settings, report))
             if len(pending) >= shard_size:
                 cache.write_shard(pending)
                 pending = []
             bar.update(len(todo[start : start + batch_size]))
+    finally:
         if pending:
             cache.write_shard(pending)
         bar.close()
     return report
+
+
+def _label_chunk(
+    adapter: FamilyAdapter, chunk: list[Sample], images: list, settings: LabelSettings, report: LabelReport
+) -> list[dict]:
+    """One batch through the teacher: its records, with labels."""
+    batch = adapter.prepare(images, [[s.question] for s in chunk], training=True)
+    output = teacher_attention(
+        adapter,
+        batch,
+        settings.label_heads,
+        max_new_tokens=settings.max_new_tokens,
+        norm_layer=settings.norm_layer if settings.sink_rule == "norm" else None,
+        sink_heads=settings.sink_heads if settings.sink_rule == "attention" else None,
+        queries=settings.queries,
+        head_weighting=settings.head_weighting,
+        forced_answers=_answer_ids(adapter, chunk) if settings.answers == "dataset" else None,
+    )
+    records = []
+    for index, sample in enumerate(chunk):
+        record = _record(sample, index, output)
+        labels = make_labels(record["raw_map"], record["norms"], record["sink_map"], settings)
+        record["labels"] = labels.to(torch.int8)
+        records.append(record)
+        report.dropped += bool((labels == -1).all())
+    report.labelled += len(chunk)
+    return records
 
 
 def label_heads_from_text(text: str) -> LayerHeads | str:

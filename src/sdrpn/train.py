@@ -1,13 +1,15 @@
 """Self-distillation of the RPN from a label folder (paper 3.3, Algorithm 1).
 
 One process:            sdrpn train --model M --labels LABELS --out RPN
-Several GPUs, one node: accelerate launch --num_processes 4 -m sdrpn.cli train --model M --labels LABELS --out RPN
+Several GPUs, one node: accelerate launch --multi_gpu --num_processes 4 -m sdrpn.cli train --model M --labels ...
+(or torchrun --nproc-per-node 4 -m sdrpn.cli train ...; without a GPU the processes meet over gloo on the CPU)
 
-Only the RPN's R layers train; the B frozen layers run under no_grad. The loss is BCE-with-logits on the
-labelled tokens only (0 when a sample has none). AdamW (0.9, 0.98), no weight decay, cosine schedule with
-3% warm-up, gradient clipping. `--resume` continues from the last step checkpoint in the output folder: one file
-(`OUT/resume.pt`, written atomically, read without unpickling code) holding the RPN, optimiser, schedule, step
-and the run's identity (settings, data); a resume with other settings or data is refused.
+Only the RPN's R layers train; the B frozen layers run under no_grad, so they keep no activations and gradient
+checkpointing them would save nothing; `--cache-prefix` stores their output so later epochs skip them. The loss is
+BCE-with-logits on the labelled tokens only (0 when a sample has none). AdamW (0.9, 0.98), no weight decay, cosine
+schedule with 3% warm-up, gradient clipping. `--resume` continues from the last step checkpoint in the output
+folder: one file (`OUT/resume.pt`, written atomically, read without unpickling code) holding the RPN, optimiser,
+schedule, step and the run's identity (settings, data); a resume with other settings or data is refused.
 """
 
 from __future__ import annotations
@@ -22,18 +24,21 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator, PartialState
+from accelerate import Accelerator
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
+from sdrpn.distributed import run_state
 from sdrpn.errors import SdrpnError
 from sdrpn.files import atomic_write, clean_stale_temporaries
 from sdrpn.images import load_image
 from sdrpn.labeling import LabelCache, LabelSettings, make_labels
 from sdrpn.models.base import FamilyAdapter
+from sdrpn.prefix_cache import PrefixCache
 from sdrpn.rpn import CONFIG_NAME, WEIGHTS_NAME, RegionProposalNetwork, RpnConfig, check_base
 
 TARGETS = ("labels", "labels-no-sinks", "raw-mse")
+PRECISIONS = ("auto", "bf16", "fp16", "no")
 STATE_NAME = "resume.pt"
 
 
@@ -51,13 +56,15 @@ class TrainSettings:
     max_samples: int | None = None  # seeded random subset (the paper's 10K setting)
     seed: int = 0
     save_every: int = 0  # batches between resumable checkpoints, taken at whole updates (0: only at the end)
-    mixed_precision: str = "auto"  # "auto" (bf16 on GPU), "bf16" or "no"
+    mixed_precision: str = "auto"  # "auto" (bf16 on GPU, as released), "bf16", "fp16" (GPU only) or "no"
     target: str = "labels"  # "labels" (paper), "labels-no-sinks", "raw-mse" (ablations)
     final_norm: bool | None = None  # a copy of the final norm in the RPN (None: the family's default)
 
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
             raise SdrpnError(f"target must be one of {TARGETS}, got {self.target!r}")
+        if self.mixed_precision not in PRECISIONS:
+            raise SdrpnError(f"mixed_precision must be one of {PRECISIONS}, got {self.mixed_precision!r}")
         if self.batch_size < 1 or (self.learning_rate is not None and self.learning_rate <= 0) or self.epochs <= 0:
             raise SdrpnError("batch_size, learning_rate and epochs must be positive")
         if self.grad_accumulation is not None and self.grad_accumulation < 1:
@@ -136,10 +143,12 @@ def train_rpn(
     progress: bool = True,
     max_steps: int | None = None,
     open_image: Callable = load_image,
+    prefix_cache: str | Path | None = None,
 ) -> RegionProposalNetwork:
     """Train an RPN for `adapter` on the labels in `label_dir`; checkpoints go to `out_dir`.
 
-    `open_image(record["image"])` gives the RGB image, as in labelling."""
+    `open_image(record["image"])` gives the RGB image, as in labelling. `prefix_cache`: a folder that keeps the
+    frozen layers' output of every sample (`sdrpn.prefix_cache`), so epochs after the first run only the RPN."""
     settings = settings or TrainSettings()
     records, label_settings, _ = load_records(label_dir, settings.max_samples, settings.seed)
     if label_settings.prompt_style:  # the RPN learns on the prompts the labels were made with
@@ -166,7 +175,9 @@ def train_rpn(
     precision = settings.mixed_precision
     if precision == "auto":
         precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-    processes = PartialState().num_processes  # each process takes its own slice of every global batch
+    if precision == "fp16" and run_state().device.type == "cpu":
+        raise SdrpnError("fp16 mixed precision needs a GPU (this run is on the CPU); use bf16 or no")
+    processes = run_state().num_processes  # each process takes its own slice of every global batch
     settings, total_batches = _schedule(settings, defaults, len(records), processes, max_steps)
     accelerator = Accelerator(mixed_precision=precision, gradient_accumulation_steps=settings.grad_accumulation)
     optimizer = torch.optim.AdamW(
@@ -177,6 +188,7 @@ def train_rpn(
     )
     total_updates = total_batches // settings.grad_accumulation
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(settings.warmup_ratio * total_updates), total_updates)
+    cache = PrefixCache(prefix_cache, adapter, rpn.frozen_layers) if prefix_cache else None
     rpn, optimizer = accelerator.prepare(rpn, optimizer)  # the schedule counts updates itself (below)
     adapter.model.to(accelerator.device)
 
@@ -204,7 +216,9 @@ def train_rpn(
         batch = adapter.prepare(images, [[r["question"]] for r in chosen], training=True)
         targets = training_targets(chosen, label_settings, settings.target, batch.grids).to(accelerator.device)
         with accelerator.accumulate(rpn):
-            logits, _ = rpn(batch)
+            with accelerator.autocast():  # as inside the RPN's own forward, so a cached prefix is the same
+                prefix = cache.prefix(batch, [r["sample_id"] for r in chosen]) if cache else None
+            logits, _ = rpn(batch, prefix)
             loss = loss_fn(logits[:, 0], targets)
             accelerator.backward(loss)
             if accelerator.sync_gradients:
@@ -224,6 +238,7 @@ def train_rpn(
     final = accelerator.unwrap_model(rpn)
     if accelerator.is_main_process:
         final.save(out_dir, **_training_record(settings, len(records), total_batches))
+    accelerator.wait_for_everyone()  # every process returns once the checkpoint is there
     return final.eval()
 
 
