@@ -114,7 +114,7 @@ def test_bench_toy_json_and_resume(shipped, tmp_path, capsys, monkeypatch):
     ]
     assert main(argv) == 0
     result = json.loads((tmp_path / "bench.json").read_text())
-    assert len(result["released_vs_toy"]) == 5
+    assert len(result["released_vs_toy"]) == 6
     expected = {
         "base",
         "full_resolution",
