@@ -1,7 +1,7 @@
 """Capture of the few attention rows SD-RPN needs, without eager seq x seq maps.
 
 An attention function registered through transformers' `AttentionInterface` delegates every layer's
-output to sdpa; on the selected layers only, it also computes the softmax row of the newest query
+output to sdpa, with sdpa's masks; on the selected layers only, it also computes the softmax row of the newest query
 token against all keys and keeps the columns of the visual tokens. During greedy decoding the newest
 query is, step by step, the token that predicts each response token (the last prompt token first),
 so the mean of the kept rows is the paper's response-to-image RoI map.
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from transformers import AttentionInterface, LogitsProcessor, LogitsProcessorList
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, eager_mask
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from sdrpn.models.base import FamilyAdapter, LayerHeads, PromptBatch
 
@@ -61,7 +61,9 @@ def _capturing_attention(module, query, key, value, attention_mask, scaling=None
 
 
 AttentionInterface.register(CAPTURE_IMPLEMENTATION, _capturing_attention)
-AttentionMaskInterface.register(CAPTURE_IMPLEMENTATION, eager_mask)  # always a mask: rows need it
+# sdpa's own masks, so every layer keeps the fast path (None when nothing is masked: the last query, causal or not,
+# then sees every key); only the recording layers compute one extra row.
+AttentionMaskInterface.register(CAPTURE_IMPLEMENTATION, sdpa_mask)
 
 
 @contextmanager

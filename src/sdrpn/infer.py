@@ -60,6 +60,9 @@ class InferSettings:
     max_new_tokens: int = 128
     vicrop_layer: int | None = None  # None: the adapter's first default label layer
     vicrop_rule: str = "released"  # "released": ViCrop's official window search; "sdrpn": `sdrpn.roi.best_window`
+    # Stage 2 continues stage 1's frozen layers over [system, image] (exact); False computes the whole prompt again,
+    # as the released code does.
+    prefix_reuse: bool = True
 
     def __post_init__(self) -> None:
         _check_choice(self.method, self.upscale)
@@ -201,6 +204,7 @@ class Zoom:
         boxes = [grid_box_to_pixels(b, geometry) for b in regions.boxes]
         return RoiPrediction(regions.probability, regions, boxes, union, geometry, released_mask=mask)
 
+    @torch.no_grad()
     def predict_roi(self, images, questions, method: str | None = None) -> list[RoiPrediction]:
         """Boxes and maps without generating (to put in front of another serving stack)."""
         method, _ = self._resolve(method, None)
@@ -248,6 +252,7 @@ class Zoom:
         resized = torch.nn.functional.interpolate(cut[None, None], size=crop.grid, mode="bilinear", align_corners=False)
         return [replace(crop, keep=(resized[0, 0] > 0.5).reshape(-1))]
 
+    @torch.no_grad()
     def ask_batch(self, images, questions, method: str | None = None, upscale: str | None = None) -> list[ZoomResult]:
         """Answer a batch; every sample's answer equals what it gets alone (left padding, real positions)."""
         method, upscale = self._resolve(method, upscale)
@@ -259,6 +264,7 @@ class Zoom:
         predictions = self.regions(maps, batch, method) if maps is not None else [None] * batch.size
         return self._answer(batch, predictions, method, METHODS[method].upscale or upscale, started)
 
+    @torch.no_grad()
     def ask_with_boxes(self, images, questions, boxes: list[list[PixelBox]]) -> list[ZoomResult]:
         """Answer with crops of given pixel boxes (one crop each, e.g. from an external detector)."""
         images, questions = _as_list(images, "images"), _as_list(questions, "questions")
@@ -285,7 +291,12 @@ class Zoom:
             crops.append(self.crop_tokens(image, prediction, upscale) if prediction and prediction.boxes else [])
             encode_seconds.append(time.perf_counter() - began)
         encoded = time.perf_counter()
-        token_ids = self.adapter.generate(batch, crops, max_new_tokens=self.settings.max_new_tokens)
+        if not self.settings.prefix_reuse:
+            batch.prefix = None
+        if batch.decoded is not None and not any(crops):  # nothing to add: the first pass's answers stand
+            token_ids = batch.decoded
+        else:
+            token_ids = self.adapter.generate(batch, crops, max_new_tokens=self.settings.max_new_tokens)
         answers = self.adapter.decode(token_ids)
         finished = time.perf_counter()
         return [
@@ -364,7 +375,8 @@ def _no_maps(zoom: Zoom, batch: PromptBatch) -> None:
 @torch.no_grad()
 def _rpn_maps(zoom: Zoom, batch: PromptBatch) -> list[np.ndarray]:
     """The RPN's map for the last user turn of each sample, on the sample's grid."""
-    logits, _ = zoom.rpn(batch)
+    prefix = zoom.adapter.prefix_state(batch, zoom.rpn.frozen_layers)  # kept on the batch for stage 2
+    logits, _ = zoom.rpn(batch, prefix=prefix.hidden)
     last = logits[torch.arange(batch.size), [len(q) - 1 for q in batch.query_positions]]
     return [probability_grid(grid.cpu().numpy(), *grid.shape) for grid in batch.per_sample(last)]
 
@@ -380,6 +392,7 @@ def _raw_attention_maps(zoom: Zoom, batch: PromptBatch) -> list[np.ndarray]:
         queries=settings.queries,
         head_weighting=settings.head_weighting,
     )
+    batch.decoded = output.token_ids  # the base model's answer: a sample without a region keeps it
     return [_max_normalised(m) for m in output.roi_maps]
 
 

@@ -11,10 +11,10 @@ from typing import ClassVar
 
 import torch
 from torch import nn
-from transformers import AutoConfig
+from transformers import AutoConfig, DynamicCache
 
 from sdrpn.errors import SdrpnError
-from sdrpn.models.base import AttentionShape, FamilyAdapter, PromptBatch
+from sdrpn.models.base import AnswerRow, AttentionShape, CropTokens, FamilyAdapter, PrefixState, PromptBatch
 
 
 class StockLayoutAdapter(FamilyAdapter):
@@ -152,17 +152,31 @@ class StockLayoutAdapter(FamilyAdapter):
         finally:
             language_model.layers, language_model.norm = saved
 
-    def run_layers(self, hidden: torch.Tensor, batch: PromptBatch, layers: list[nn.Module]) -> torch.Tensor:
+    def run_layers(self, hidden: torch.Tensor, batch: PromptBatch, layers: list[nn.Module], cache=None) -> torch.Tensor:
+        """`cache` (a transformers Cache) keeps the layers' keys/values, under their own layer indices."""
+        return self._run(hidden, batch.inputs["attention_mask"], batch.position_ids, layers, cache)
+
+    def _run(self, hidden, attention_mask, position_ids, layers: list[nn.Module], cache=None) -> torch.Tensor:
         if not layers:
             return hidden
         with self._swapped_layers(layers):
             out = self._language_model(
                 inputs_embeds=hidden,
-                attention_mask=batch.inputs["attention_mask"],
-                position_ids=batch.position_ids,
-                use_cache=False,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                cache=cache,
+                use_cache=cache is not None,
             )
         return out.last_hidden_state
+
+    @torch.no_grad()
+    def prefix_state(self, batch: PromptBatch, num_layers: int) -> PrefixState:
+        cache = DynamicCache(config=self.model.config)
+        layers = list(self.decoder_layers)[:num_layers]
+        batch.prefix = PrefixState(
+            num_layers, self.run_layers(self.input_embeddings(batch), batch, layers, cache), cache
+        )
+        return batch.prefix
 
     @contextmanager
     def text_attention(self, implementation: str) -> Iterator[None]:
@@ -175,6 +189,71 @@ class StockLayoutAdapter(FamilyAdapter):
             text_config._attn_implementation = saved
 
     # --- decoding ------------------------------------------------------------------------------
+    def answer_rows(self, batch: PromptBatch, crops: list[list[CropTokens]]) -> list[AnswerRow]:
+        """Each sample's stage-2 input with its crops inserted right after its image (the family's layout)."""
+        raise NotImplementedError(f"{type(self).__name__} does not lay out stage 2")
+
+    def generation_positions(self, positions: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The position ids `generate` takes, from the laid-out positions (B, T) or (P, B, T)."""
+        return positions
+
+    def generate(
+        self,
+        batch: PromptBatch,
+        crops: list[list[CropTokens]] | None = None,
+        max_new_tokens: int = 128,
+        logits_processor=None,
+    ) -> torch.Tensor:
+        """Greedy decoding of the family's stage-2 rows. When stage 1 kept its frozen layers' keys/values
+        (`batch.prefix`), the tokens before each sample's crop are not computed again: their keys/values in
+        those layers are stage 1's, their hidden states enter the remaining layers, and decoding continues."""
+        rows = self.answer_rows(batch, crops or [[]] * batch.size)
+        prefix, cache = batch.prefix, None
+        if prefix is not None and prefix.cache is not None:
+            shared = [min(row.shared, len(row.embeds) - 1) for row in rows]  # at least one token left to run
+            embeds, attention_mask, positions = lay_out(rows, shared)
+            cache = self._continue_prefix(batch, prefix, attention_mask, positions, shared)
+        else:
+            embeds, attention_mask, positions = lay_out(rows, [0] * len(rows))
+        return self.model.generate(
+            inputs_embeds=embeds,
+            attention_mask=attention_mask,
+            position_ids=self.generation_positions(positions, attention_mask),
+            cache=cache,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            pad_token_id=self.tokenizer.pad_token_id,
+            logits_processor=logits_processor,
+        )
+
+    @torch.no_grad()
+    def _continue_prefix(
+        self, batch: PromptBatch, prefix: PrefixState, attention_mask, positions, shared: list[int]
+    ) -> DynamicCache:
+        """A cache of every layer over the first `max(shared)` columns of the stage-2 layout: stage 1's keys/values
+        for its layers, moved to where each row's shared tokens now lie, and the remaining layers run on stage 1's
+        hidden states there."""
+        width = max(shared)
+        prompt_mask = batch.inputs["attention_mask"]
+        source = torch.zeros(batch.size, width, dtype=torch.long, device=prompt_mask.device)
+        for row, count in enumerate(shared):
+            start = prompt_mask.shape[1] - int(prompt_mask[row].sum())
+            source[row, width - count :] = torch.arange(start, start + count, device=source.device)
+
+        def moved(values: torch.Tensor) -> torch.Tensor:  # (B, T, D) or (B, H, T, D) -> columns of the new layout
+            index = source.to(values.device).view(batch.size, *[1] * (values.ndim - 3), width, 1)
+            return values.gather(values.ndim - 2, index.expand(*values.shape[:-2], width, values.shape[-1]))
+
+        upper = DynamicCache(config=self.model.config)
+        later = list(self.decoder_layers)[prefix.layers :]
+        self._run(moved(prefix.hidden), attention_mask[:, :width], positions[..., :width], later, upper)
+        data = [
+            (moved(low.keys), moved(low.values)) if index < prefix.layers else (high.keys, high.values)
+            for index, (low, high) in enumerate(zip(prefix.cache.layers, upper.layers))
+        ]
+        return DynamicCache(ddp_cache_data=data, config=self.model.config)
+
     def decode(self, token_ids: torch.Tensor) -> list[str]:
         return [text.strip() for text in self.tokenizer.batch_decode(token_ids, skip_special_tokens=True)]
 
@@ -182,3 +261,22 @@ class StockLayoutAdapter(FamilyAdapter):
     def eos_token_ids(self) -> list[int]:
         eos = self.model.generation_config.eos_token_id
         return list(eos) if isinstance(eos, (list, tuple)) else [eos]
+
+
+def lay_out(rows: list[AnswerRow], splits: list[int]):
+    """A batch of rows, each in two parts at `splits`, each part left-padded to its longest: columns
+    [pad, row[:s]] then [pad, row[s:]]. With all splits 0 it is plain left padding; otherwise every row's first
+    part ends at one column, where a cache of those parts can end."""
+    first = max(splits)
+    second = max(len(row.embeds) - split for row, split in zip(rows, splits))
+    length, template = first + second, rows[0]
+    embeds = template.embeds.new_zeros(len(rows), length, template.embeds.shape[-1])
+    positions = template.positions.new_zeros(*template.positions.shape[:-1], len(rows), length)
+    mask = torch.zeros(len(rows), length, dtype=torch.long, device=template.embeds.device)
+    for index, (row, split) in enumerate(zip(rows, splits)):
+        tail = len(row.embeds) - split
+        for begin, end, part in ((first - split, first, slice(0, split)), (length - tail, length, slice(split, None))):
+            embeds[index, begin:end] = row.embeds[part]
+            positions[..., index, begin:end] = row.positions[..., part]
+            mask[index, begin:end] = 1
+    return embeds, mask, positions
