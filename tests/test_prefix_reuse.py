@@ -164,3 +164,27 @@ def test_reprompt_reuses_the_visual_tokens(adapter, monkeypatch):
     monkeypatch.setattr(adapter.model.model, "get_image_features", None)  # the vision tower may not run again
     other = adapter.reprompt(batch, [["write a general description ."]] * 3)
     torch.testing.assert_close(other.embeddings, expected, atol=1e-6, rtol=1e-6)
+
+
+def test_vicrop_prompts_share_their_image_prefix(adapter):
+    """ViCrop's two prompts: [system, image] runs once, then only the two prompts' own tokens (both in one batch)."""
+    from sdrpn.attention import prompt_attention, prompts_attention
+
+    images = _images()
+    batch = adapter.prepare(images, QUESTIONS)
+    generic = adapter.reprompt(batch, [["write a general description ."]] * 3)
+    seen = []
+    handle = adapter.decoder_layers[0].register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append((args[0] if args else kwargs["hidden_states"]).shape[:2]),
+        with_kwargs=True,
+    )
+    try:
+        shared = prompts_attention(adapter, [batch, generic], {1: None})
+    finally:
+        handle.remove()
+    (rows, prefix), (both, rest) = seen
+    assert rows == 3 and both == 6
+    assert prefix >= max(batch.visual_counts) and rest < batch.inputs["input_ids"].shape[1] - min(batch.visual_counts)
+    for prompt, maps in zip([batch, generic], shared):
+        for ours, alone in zip(maps, prompt_attention(adapter, prompt, {1: None})):
+            torch.testing.assert_close(ours, alone, atol=1e-5, rtol=1e-4)

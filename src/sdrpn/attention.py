@@ -218,3 +218,24 @@ def prompt_attention(adapter: FamilyAdapter, batch: PromptBatch, layer_heads: La
         adapter.run_layers(embeds, batch, list(adapter.decoder_layers)[: max(layer_heads) + 1])
     rows = torch.stack([r.stacked()[:, -1] for r in recorders.values()]).mean(0)
     return batch.per_sample(rows)
+
+
+@torch.no_grad()
+def prompts_attention(
+    adapter: FamilyAdapter, batches: list[PromptBatch], layer_heads: LayerHeads
+) -> list[list[torch.Tensor]]:
+    """`prompt_attention` of several prompts about the same images (ViCrop's question and generic prompts), per
+    prompt: the adapter runs the [system, image] prefix they share once, and only the recording layers compute a
+    row."""
+    captured: list[dict[int, RowRecorder]] = []
+
+    @contextmanager
+    def recording(visual_positions: torch.Tensor) -> Iterator[None]:
+        with capture_rows(adapter, layer_heads, visual_positions) as recorders:
+            captured.append(recorders)
+            yield
+
+    adapter.run_prompts_sharing_prefix(batches, max(layer_heads) + 1, recording)
+    rows = torch.cat([torch.stack([r.stacked()[:, -1] for r in recorders.values()]).mean(0) for recorders in captured])
+    size = batches[0].size
+    return [batch.per_sample(rows[k * size : (k + 1) * size]) for k, batch in enumerate(batches)]

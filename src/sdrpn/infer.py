@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from sdrpn.attention import prompt_attention, teacher_attention
+from sdrpn.attention import prompts_attention, teacher_attention
 from sdrpn.errors import SdrpnError
 from sdrpn.images import FRAMES_WARNING, load_image
 from sdrpn.labeling import LabelSettings
@@ -397,7 +397,9 @@ def _raw_attention_maps(zoom: Zoom, batch: PromptBatch) -> list[np.ndarray]:
 
 
 def _vicrop_maps(zoom: Zoom, batch: PromptBatch) -> list[np.ndarray]:
-    """ViCrop's relative attention: the last prompt token's map divided by the same for a generic prompt."""
+    """ViCrop's relative attention: the last prompt token's map divided by the same for a generic prompt. As
+    cheap as it honestly gets: the vision tower runs once, the [system, image] prefix both prompts share runs
+    once, only the recording layer computes an attention row, and nothing runs past it."""
     layer = zoom.settings.vicrop_layer
     layer = min(zoom.adapter.defaults().label_heads) if layer is None else layer
     if not 0 <= layer < zoom.adapter.attention_shape.num_layers:
@@ -407,13 +409,12 @@ def _vicrop_maps(zoom: Zoom, batch: PromptBatch) -> list[np.ndarray]:
     heads = {layer: None}
     if zoom.settings.vicrop_rule == "released":  # both prompts end as ViCrop's official code asks them
         questions = [[_with_suffix(turn, i) for i, turn in enumerate(c)] for c in batch.conversations]
-        specific = prompt_attention(zoom.adapter, zoom.adapter.prepare(batch.images, questions), heads)
+        specific_batch = zoom.adapter.reprompt(batch, questions)
         generic_prompt = GENERIC_PROMPT + VICROP_SUFFIX
     else:
-        specific = prompt_attention(zoom.adapter, batch, heads)
-        generic_prompt = GENERIC_PROMPT
-    generic_batch = zoom.adapter.prepare(batch.images, [[generic_prompt]] * batch.size)
-    generic = prompt_attention(zoom.adapter, generic_batch, heads)
+        specific_batch, generic_prompt = batch, GENERIC_PROMPT
+    generic_batch = zoom.adapter.reprompt(batch, [[generic_prompt]] * batch.size)
+    specific, generic = prompts_attention(zoom.adapter, [specific_batch, generic_batch], heads)
     return [_max_normalised(s / g.clamp(min=1e-12)) for s, g in zip(specific, generic)]
 
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager as ContextManager
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import ClassVar
@@ -274,6 +275,18 @@ class FamilyAdapter(ABC):
         states (stage 2 then computes the whole prompt again); the stock layout keeps their keys/values too."""
         batch.prefix = PrefixState(num_layers, self.prefix_hidden(batch, num_layers))
         return batch.prefix
+
+    @torch.no_grad()
+    def run_prompts_sharing_prefix(
+        self, batches: list[PromptBatch], num_layers: int, around_rest: Callable[[torch.Tensor], ContextManager]
+    ) -> None:
+        """Run the first `num_layers` layers over several prompts about the same images, each prompt wrapped in
+        `around_rest(its visual positions)`. By default prompt by prompt; the stock layout runs the prefix the
+        prompts share once."""
+        layers = list(self.decoder_layers)[:num_layers]
+        for batch in batches:
+            with around_rest(batch.visual_positions):
+                self.run_layers(self.input_embeddings(batch), batch, layers)
 
     @torch.no_grad()
     def reprompt(self, batch: PromptBatch, conversations: list[list[str]]) -> PromptBatch:

@@ -5,7 +5,8 @@ Family adapters subclass `StockLayoutAdapter` and add only what is theirs (image
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager as ContextManager
 from contextlib import contextmanager
 from typing import ClassVar
 
@@ -188,6 +189,48 @@ class StockLayoutAdapter(FamilyAdapter):
         finally:
             text_config._attn_implementation = saved
 
+    @torch.no_grad()
+    def run_prompts_sharing_prefix(
+        self, batches: list[PromptBatch], num_layers: int, around_rest: Callable[[torch.Tensor], ContextManager]
+    ) -> None:
+        """Run the first `num_layers` layers over several prompts per sample (the same images, other texts): the
+        leading tokens all of a sample's prompts share ([system, image]) once, then every prompt's rest, in one
+        batch, on copies of their keys/values. `around_rest(visual_positions)` wraps the second run (e.g. to
+        capture attention rows); the positions are the visual tokens' columns there, prompt after prompt."""
+        size, count = batches[0].size, len(batches)
+        rows = [self.answer_rows(batch, [[]] * size) for batch in batches]
+        shared = [_common_prefix([prompt_rows[i] for prompt_rows in rows]) for i in range(size)]
+        layers = list(self.decoder_layers)[:num_layers]
+        embeds, attention_mask, positions = lay_out(
+            [AnswerRow(row.embeds[:s], row.positions[..., :s], s) for row, s in zip(rows[0], shared)], shared
+        )
+        cache = DynamicCache(config=self.model.config)
+        self._run(embeds, attention_mask, positions, layers, cache)
+        width = max(shared)
+        every = [row for prompt_rows in rows for row in prompt_rows]
+        embeds, attention_mask, positions = lay_out(every, shared * count)
+        copies = [
+            (layer.keys.repeat(count, 1, 1, 1), layer.values.repeat(count, 1, 1, 1))
+            if index < num_layers
+            else (None, None)
+            for index, layer in enumerate(cache.layers)
+        ]
+        visual = []
+        for batch in batches:
+            pads = batch.inputs["attention_mask"].shape[1] - batch.inputs["attention_mask"].sum(1)
+            for i in range(size):
+                column = batch.visual_positions[i] - pads[i]  # index in the unpadded row
+                s, tail = shared[i], len(every[len(visual)].embeds)
+                visual.append(torch.where(column < s, width - s + column, embeds.shape[1] - (tail - column)))
+        with around_rest(torch.stack(visual)):
+            self._run(
+                embeds[:, width:],
+                attention_mask,
+                positions[..., width:],
+                layers,
+                DynamicCache(ddp_cache_data=copies, config=self.model.config),
+            )
+
     # --- decoding ------------------------------------------------------------------------------
     def answer_rows(self, batch: PromptBatch, crops: list[list[CropTokens]]) -> list[AnswerRow]:
         """Each sample's stage-2 input with its crops inserted right after its image (the family's layout)."""
@@ -261,6 +304,16 @@ class StockLayoutAdapter(FamilyAdapter):
     def eos_token_ids(self) -> list[int]:
         eos = self.model.generation_config.eos_token_id
         return list(eos) if isinstance(eos, (list, tuple)) else [eos]
+
+
+def _common_prefix(rows: list[AnswerRow]) -> int:
+    """How many leading tokens (embeddings and positions) all rows share, leaving each at least one of its own."""
+    limit = min(len(row.embeds) for row in rows) - 1
+    same = torch.ones(limit, dtype=torch.bool, device=rows[0].embeds.device)
+    for row in rows[1:]:
+        same &= (row.embeds[:limit] == rows[0].embeds[:limit]).all(-1)
+        same &= (row.positions[..., :limit] == rows[0].positions[..., :limit]).reshape(-1, limit).all(0)
+    return int(same.long().cumprod(0).sum())
 
 
 def lay_out(rows: list[AnswerRow], splits: list[int]):
