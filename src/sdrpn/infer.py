@@ -258,7 +258,7 @@ class Zoom:
         method, upscale = self._resolve(method, upscale)
         if not _as_list(images, "images") and not _as_list(questions, "questions"):
             return []
-        started = time.perf_counter()
+        started = self._clock()
         batch = self._prepare(images, questions)
         maps = self.roi_maps(batch, method)
         predictions = self.regions(maps, batch, method) if maps is not None else [None] * batch.size
@@ -273,7 +273,7 @@ class Zoom:
             raise SdrpnError(f"got {len(images)} images, {len(questions)} questions and {len(boxes)} box lists")
         if not images:
             return []
-        started = time.perf_counter()
+        started = self._clock()
         batch = self._prepare(images, questions)
         predictions = []
         for image_boxes, geometry in zip(boxes, batch.geometries):
@@ -284,13 +284,13 @@ class Zoom:
     def _answer(self, batch, predictions, method: str, upscale: str, started: float) -> list[ZoomResult]:
         """Stage 2: crops after the image tokens, decode. Timings are per sample: its own crop encoding, and
         the wall time of the batch's stages it shared (`batch_size` says with how many)."""
-        roi_done = time.perf_counter()
+        roi_done = self._clock()
         crops, encode_seconds = [], []
         for image, prediction in zip(batch.images, predictions):
-            began = time.perf_counter()
+            began = self._clock()
             crops.append(self.crop_tokens(image, prediction, upscale) if prediction and prediction.boxes else [])
-            encode_seconds.append(time.perf_counter() - began)
-        encoded = time.perf_counter()
+            encode_seconds.append(self._clock() - began)
+        encoded = self._clock()
         if not self.settings.prefix_reuse:
             batch.prefix = None
         if batch.decoded is not None and not any(crops):  # nothing to add: the first pass's answers stand
@@ -298,7 +298,7 @@ class Zoom:
         else:
             token_ids = self.adapter.generate(batch, crops, max_new_tokens=self.settings.max_new_tokens)
         answers = self.adapter.decode(token_ids)
-        finished = time.perf_counter()
+        finished = self._clock()
         return [
             ZoomResult(
                 answer=answer,
@@ -321,6 +321,12 @@ class Zoom:
                 answers, predictions, crops, encode_seconds, batch.geometries, batch.images
             )
         ]
+
+    def _clock(self) -> float:
+        """Wall time; on CUDA after the queued kernels finished, so per-stage timings are the stages' own."""
+        if self.adapter.device.type == "cuda":
+            torch.cuda.synchronize(self.adapter.device)
+        return time.perf_counter()
 
     def _resolve(self, method: str | None, upscale: str | None) -> tuple[str, str]:
         """Per-call choices fall back to the settings and are checked like them."""
