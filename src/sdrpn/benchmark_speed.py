@@ -181,7 +181,7 @@ def run_speed_bench(
     rpn: str | None = None,
     batch_sizes: tuple[int, ...] = (1,),
     new_tokens: int = 8,
-    samples: int = 3,
+    samples: int = 2,
     seed: int = 7,
     device: str | None = None,
     progress: bool = True,

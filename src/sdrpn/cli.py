@@ -254,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--batch", default="1", help="speed: batch sizes, comma-separated (e.g. 1,8)")
     bench.add_argument("--new-tokens", type=positive_int, default=8, help="speed: tokens decoded per answer")
-    bench.add_argument("--samples", type=positive_int, default=3, help="speed: questions each variant answers")
+    bench.add_argument("--samples", type=positive_int, default=2, help="speed: questions each variant answers")
     bench.add_argument("--device", default=None, help="speed: cpu, cuda, ...")
     return parser
 
