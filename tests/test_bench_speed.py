@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from scipy import ndimage
 
 from sdrpn.benchmark_speed import VARIANTS, blob_map, format_speed_table, measure, speed_zoom
 from sdrpn.cli import main
@@ -31,10 +32,10 @@ def test_every_variant_runs_and_the_table_prints(llava_adapter):
     assert "sdrpn_mask_vs_base" in table and "roi_stage_official_vicrop_over_sdrpn" in table
 
 
-def test_the_given_map_makes_one_region_of_part_of_the_grid():
+def test_the_given_map_makes_two_regions_of_part_of_the_grid():
     probability = blob_map((24, 24))
-    above = probability > 0.1
-    assert 40 < above.sum() < 200 and probability.max() > 0.9
+    _, regions = ndimage.label(probability > 0.15)
+    assert regions == 2 and 20 < (probability > 0.15).sum() < 200 and probability.max() > 0.9
 
 
 @pytest.mark.parametrize(
