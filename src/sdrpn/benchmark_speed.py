@@ -216,10 +216,11 @@ def measure(zoom: SpeedZoom, batch_sizes: tuple[int, ...], samples: int, seed: i
     images, questions = _inputs(samples, seed)
     zoom.ask_batch(images[:1], questions[:1], method="base")  # warm-up: first-call costs
     rows = []
-    for size in batch_sizes:  # variants take turns on each chunk, so the machine's drift hits all alike
+    for size in batch_sizes:  # variants take turns on each chunk
         chunks = [slice(start, start + size) for start in range(0, samples, size)]
         timed: dict[str, list[tuple]] = {variant.name: [] for variant in VARIANTS}
-        work = [(chunk, variant) for chunk in chunks for variant in VARIANTS]
+        # every other round in reverse order, so a load that drifts during the run favours no variant
+        work = [(chunk, variant) for i, chunk in enumerate(chunks) for variant in VARIANTS[:: -1 if i % 2 else 1]]
         for chunk, variant in tqdm(work, desc=f"bench speed, batch {size}", disable=not progress):
             timed[variant.name].append(_time_chunk(zoom, variant, images[chunk], questions[chunk]))
         for variant in VARIANTS:
