@@ -15,7 +15,8 @@ from sdrpn.attention import teacher_attention
 from sdrpn.errors import SdrpnError
 from sdrpn.images import load_image
 from sdrpn.infer import GENERIC_PROMPT, VICROP_SUFFIX, InferSettings, RoiPrediction, Zoom, load
-from sdrpn.models import wrap_model
+from sdrpn.models import CropTokens, wrap_model
+from sdrpn.models.stock import lay_out
 from sdrpn.roi import Geometry, RoiSettings, crop_token_mask, find_regions, grid_box_to_pixels, image_cells
 from sdrpn.rpn import RegionProposalNetwork, load_rpn
 from tests.conftest import build_tiny, random_images
@@ -118,7 +119,8 @@ def test_llava_extra_tokens_are_inserted_right_after_the_image_tokens(llava_adap
     extra = [torch.randn(n, dim, generator=generator) for n in (5, 0, 17)]
     with torch.no_grad():
         embeds = adapter.input_embeddings(batch)
-    new_embeds, new_mask = adapter._insert_after_image(embeds, mask, batch, extra)
+    crops = [[CropTokens(tokens, (1, len(tokens)))] if len(tokens) else [] for tokens in extra]
+    new_embeds, new_mask, _ = lay_out(adapter.answer_rows(batch, crops), [0] * batch.size)
 
     assert new_mask.shape == new_embeds.shape[:2]
     assert new_mask.shape[1] == max(n + len(t) for n, t in zip(lengths, extra))

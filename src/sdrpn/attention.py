@@ -1,7 +1,7 @@
 """Capture of the few attention rows SD-RPN needs, without eager seq x seq maps.
 
 An attention function registered through transformers' `AttentionInterface` delegates every layer's
-output to sdpa; on the selected layers only, it also computes the softmax row of the newest query
+output to sdpa, with sdpa's masks; on the selected layers only, it also computes the softmax row of the newest query
 token against all keys and keeps the columns of the visual tokens. During greedy decoding the newest
 query is, step by step, the token that predicts each response token (the last prompt token first),
 so the mean of the kept rows is the paper's response-to-image RoI map.
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from transformers import AttentionInterface, LogitsProcessor, LogitsProcessorList
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, eager_mask
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from sdrpn.models.base import FamilyAdapter, LayerHeads, PromptBatch
 
@@ -61,7 +61,9 @@ def _capturing_attention(module, query, key, value, attention_mask, scaling=None
 
 
 AttentionInterface.register(CAPTURE_IMPLEMENTATION, _capturing_attention)
-AttentionMaskInterface.register(CAPTURE_IMPLEMENTATION, eager_mask)  # always a mask: rows need it
+# sdpa's own masks, so every layer keeps the fast path (None when nothing is masked: the last query, causal or not,
+# then sees every key); only the recording layers compute one extra row.
+AttentionMaskInterface.register(CAPTURE_IMPLEMENTATION, sdpa_mask)
 
 
 @contextmanager
@@ -216,3 +218,24 @@ def prompt_attention(adapter: FamilyAdapter, batch: PromptBatch, layer_heads: La
         adapter.run_layers(embeds, batch, list(adapter.decoder_layers)[: max(layer_heads) + 1])
     rows = torch.stack([r.stacked()[:, -1] for r in recorders.values()]).mean(0)
     return batch.per_sample(rows)
+
+
+@torch.no_grad()
+def prompts_attention(
+    adapter: FamilyAdapter, batches: list[PromptBatch], layer_heads: LayerHeads
+) -> list[list[torch.Tensor]]:
+    """`prompt_attention` of several prompts about the same images (ViCrop's question and generic prompts), per
+    prompt: the adapter runs the [system, image] prefix they share once, and only the recording layers compute a
+    row."""
+    captured: list[dict[int, RowRecorder]] = []
+
+    @contextmanager
+    def recording(visual_positions: torch.Tensor) -> Iterator[None]:
+        with capture_rows(adapter, layer_heads, visual_positions) as recorders:
+            captured.append(recorders)
+            yield
+
+    adapter.run_prompts_sharing_prefix(batches, max(layer_heads) + 1, recording)
+    rows = torch.cat([torch.stack([r.stacked()[:, -1] for r in recorders.values()]).mean(0) for recorders in captured])
+    size = batches[0].size
+    return [batch.per_sample(rows[k * size : (k + 1) * size]) for k, batch in enumerate(batches)]

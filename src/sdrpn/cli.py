@@ -233,7 +233,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="sdrpn-demo", help="folder for overlays (and the retrained RPN)")
 
     bench = commands.add_parser("bench", help="benchmarks")
-    bench.add_argument("suite", choices=("toy",), help="toy: the synthetic fine-detail world")
+    bench.add_argument(
+        "suite",
+        choices=("toy", "speed"),
+        help="toy: the synthetic fine-detail world; speed: time per answer of every method (--model toy, toy-qwen, "
+        "llava7b-shape, qwen7b-shape or a checkpoint with --rpn)",
+    )
     bench.add_argument("--seed", type=int, default=7)
     bench.add_argument("--n", type=positive_int, default=300)
     bench.add_argument("--json", default=None, help="write the results here")
@@ -259,6 +264,10 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also the released code's label queries, stage 2 and stage 1 + 2 against the toy's own settings",
     )
+    bench.add_argument("--batch", default="1", help="speed: batch sizes, comma-separated (e.g. 1,8)")
+    bench.add_argument("--new-tokens", type=positive_int, default=8, help="speed: tokens decoded per answer")
+    bench.add_argument("--samples", type=positive_int, default=2, help="speed: questions each variant answers")
+    bench.add_argument("--device", default=None, help="speed: cpu, cuda, ...")
     evaluate = commands.add_parser("eval", help="score methods on benchmarks (official metrics) with throughput")
     _add_model(evaluate)
     evaluate.add_argument(
@@ -437,6 +446,8 @@ def _int_list(text: str, option: str) -> tuple[int, ...]:
 
 
 def cmd_bench(args) -> int:
+    if args.suite == "speed":
+        return cmd_bench_speed(args)
     from sdrpn.toyworld.bench import format_table, run_toy_bench
 
     sweep = _int_list(args.sweep, "--sweep")
@@ -485,6 +496,28 @@ def cmd_eval(args) -> int:
     evaluate(_load_adapter(args), rpn, settings)
     print((Path(args.out) / "table.md").read_text(), end="")
     print(f"predictions, summary.json and table.md in {args.out}", file=sys.stderr)
+    return 0
+
+
+def cmd_bench_speed(args) -> int:
+    from sdrpn.benchmark_speed import format_speed_table, run_speed_bench, targets
+
+    batch_sizes = _int_list(args.batch, "--batch")
+    if not batch_sizes or min(batch_sizes) < 1:
+        raise SdrpnError(f"--batch takes positive batch sizes, got {args.batch!r}")
+    result = run_speed_bench(
+        args.model,
+        args.rpn,
+        batch_sizes=batch_sizes,
+        new_tokens=args.new_tokens,
+        samples=args.samples,
+        seed=args.seed,
+        device=args.device,
+    )
+    result["targets"] = {str(size): targets(result, size) for size in batch_sizes}
+    print(format_speed_table(result))
+    if args.json:
+        atomic_write_json(args.json, result)
     return 0
 
 

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from sdrpn.attention import prompt_attention, teacher_attention
+from sdrpn.attention import prompts_attention, teacher_attention
 from sdrpn.errors import SdrpnError
 from sdrpn.images import FRAMES_WARNING, load_image
 from sdrpn.labeling import LabelSettings
@@ -61,6 +61,9 @@ class InferSettings:
     max_new_tokens: int = 128
     vicrop_layer: int | None = None  # None: the adapter's first default label layer
     vicrop_rule: str = "released"  # "released": ViCrop's official window search; "sdrpn": `sdrpn.roi.best_window`
+    # Stage 2 continues stage 1's frozen layers over [system, image] (exact); False computes the whole prompt again,
+    # as the released code does.
+    prefix_reuse: bool = True
 
     def __post_init__(self) -> None:
         _check_choice(self.method, self.upscale)
@@ -202,6 +205,7 @@ class Zoom:
         boxes = [grid_box_to_pixels(b, geometry) for b in regions.boxes]
         return RoiPrediction(regions.probability, regions, boxes, union, geometry, released_mask=mask)
 
+    @torch.no_grad()
     def predict_roi(self, images, questions, method: str | None = None) -> list[RoiPrediction]:
         """Boxes and maps without generating (to put in front of another serving stack)."""
         method, _ = self._resolve(method, None)
@@ -249,6 +253,7 @@ class Zoom:
         resized = torch.nn.functional.interpolate(cut[None, None], size=crop.grid, mode="bilinear", align_corners=False)
         return [replace(crop, keep=(resized[0, 0] > 0.5).reshape(-1))]
 
+    @torch.no_grad()
     def ask_batch(
         self,
         images,
@@ -266,7 +271,7 @@ class Zoom:
         stop = _check_generation(max_new_tokens, stop)
         if not _as_list(images, "images") and not _as_list(questions, "questions"):
             return []
-        started = time.perf_counter()
+        started = self._clock()
         batch = self._prepare(images, questions)
         maps = self.roi_maps(batch, method)
         predictions = self.regions(maps, batch, method) if maps is not None else [None] * batch.size
@@ -276,6 +281,7 @@ class Zoom:
             result.answer = cut_at_stop(result.answer, stop)
         return results
 
+    @torch.no_grad()
     def ask_with_boxes(self, images, questions, boxes: list[list[PixelBox]]) -> list[ZoomResult]:
         """Answer with crops of given pixel boxes (one crop each, e.g. from an external detector)."""
         images, questions = _as_list(images, "images"), _as_list(questions, "questions")
@@ -284,7 +290,7 @@ class Zoom:
             raise SdrpnError(f"got {len(images)} images, {len(questions)} questions and {len(boxes)} box lists")
         if not images:
             return []
-        started = time.perf_counter()
+        started = self._clock()
         batch = self._prepare(images, questions)
         predictions = []
         for image_boxes, geometry in zip(boxes, batch.geometries):
@@ -297,16 +303,22 @@ class Zoom:
     ) -> list[ZoomResult]:
         """Stage 2: crops after the image tokens, decode. Timings are per sample: its own crop encoding, and
         the wall time of the batch's stages it shared (`batch_size` says with how many)."""
-        roi_done = time.perf_counter()
+        roi_done = self._clock()
         crops, encode_seconds = [], []
         for image, prediction in zip(batch.images, predictions):
-            began = time.perf_counter()
+            began = self._clock()
             crops.append(self.crop_tokens(image, prediction, upscale) if prediction and prediction.boxes else [])
-            encode_seconds.append(time.perf_counter() - began)
-        encoded = time.perf_counter()
-        token_ids = self.adapter.generate(batch, crops, max_new_tokens=max_new_tokens or self.settings.max_new_tokens)
+            encode_seconds.append(self._clock() - began)
+        encoded = self._clock()
+        if not self.settings.prefix_reuse:
+            batch.prefix = None
+        limit = max_new_tokens or self.settings.max_new_tokens
+        if batch.decoded is not None and not any(crops) and limit == self.settings.max_new_tokens:
+            token_ids = batch.decoded  # nothing to add: the first pass's answers (decoded to this limit) stand
+        else:
+            token_ids = self.adapter.generate(batch, crops, max_new_tokens=limit)
         answers = self.adapter.decode(token_ids)
-        finished = time.perf_counter()
+        finished = self._clock()
         return [
             ZoomResult(
                 answer=answer,
@@ -329,6 +341,12 @@ class Zoom:
                 answers, predictions, crops, encode_seconds, batch.geometries, batch.images
             )
         ]
+
+    def _clock(self) -> float:
+        """Wall time; on CUDA after the queued kernels finished, so per-stage timings are the stages' own."""
+        if self.adapter.device.type == "cuda":
+            torch.cuda.synchronize(self.adapter.device)
+        return time.perf_counter()
 
     def _resolve(self, method: str | None, upscale: str | None) -> tuple[str, str]:
         """Per-call choices fall back to the settings and are checked like them."""
@@ -383,7 +401,8 @@ def _no_maps(zoom: Zoom, batch: PromptBatch) -> None:
 @torch.no_grad()
 def _rpn_maps(zoom: Zoom, batch: PromptBatch) -> list[np.ndarray]:
     """The RPN's map for the last user turn of each sample, on the sample's grid."""
-    logits, _ = zoom.rpn(batch)
+    prefix = zoom.adapter.prefix_state(batch, zoom.rpn.frozen_layers)  # kept on the batch for stage 2
+    logits, _ = zoom.rpn(batch, prefix=prefix.hidden)
     last = logits[torch.arange(batch.size), [len(q) - 1 for q in batch.query_positions]]
     return [probability_grid(grid.cpu().numpy(), *grid.shape) for grid in batch.per_sample(last)]
 
@@ -399,11 +418,14 @@ def _raw_attention_maps(zoom: Zoom, batch: PromptBatch) -> list[np.ndarray]:
         queries=settings.queries,
         head_weighting=settings.head_weighting,
     )
+    batch.decoded = output.token_ids  # the base model's answer: a sample without a region keeps it
     return [_max_normalised(m) for m in output.roi_maps]
 
 
 def _vicrop_maps(zoom: Zoom, batch: PromptBatch) -> list[np.ndarray]:
-    """ViCrop's relative attention: the last prompt token's map divided by the same for a generic prompt."""
+    """ViCrop's relative attention: the last prompt token's map divided by the same for a generic prompt. As
+    cheap as it honestly gets: the vision tower runs once, the [system, image] prefix both prompts share runs
+    once, only the recording layer computes an attention row, and nothing runs past it."""
     layer = zoom.settings.vicrop_layer
     layer = min(zoom.adapter.defaults().label_heads) if layer is None else layer
     if not 0 <= layer < zoom.adapter.attention_shape.num_layers:
@@ -413,13 +435,12 @@ def _vicrop_maps(zoom: Zoom, batch: PromptBatch) -> list[np.ndarray]:
     heads = {layer: None}
     if zoom.settings.vicrop_rule == "released":  # both prompts end as ViCrop's official code asks them
         questions = [[_with_suffix(turn, i) for i, turn in enumerate(c)] for c in batch.conversations]
-        specific = prompt_attention(zoom.adapter, zoom.adapter.prepare(batch.images, questions), heads)
+        specific_batch = zoom.adapter.reprompt(batch, questions)
         generic_prompt = GENERIC_PROMPT + VICROP_SUFFIX
     else:
-        specific = prompt_attention(zoom.adapter, batch, heads)
-        generic_prompt = GENERIC_PROMPT
-    generic_batch = zoom.adapter.prepare(batch.images, [[generic_prompt]] * batch.size)
-    generic = prompt_attention(zoom.adapter, generic_batch, heads)
+        specific_batch, generic_prompt = batch, GENERIC_PROMPT
+    generic_batch = zoom.adapter.reprompt(batch, [[generic_prompt]] * batch.size)
+    specific, generic = prompts_attention(zoom.adapter, [specific_batch, generic_batch], heads)
     return [_max_normalised(s / g.clamp(min=1e-12)) for s, g in zip(specific, generic)]
 
 

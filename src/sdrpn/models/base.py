@@ -11,7 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager as ContextManager
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import ClassVar
@@ -45,6 +46,11 @@ class PromptBatch:
     # Cache of the adapter's input_embeddings: the vision tower runs once per batch, however many stages
     # (RoI prediction, decoding) use it.
     embeddings: torch.Tensor | None = field(default=None, repr=False)
+    # Stage 1's frozen layers over this prompt: stage 2 continues from them instead of computing them again.
+    prefix: PrefixState | None = field(default=None, repr=False)
+    # Answers already decoded from exactly this prompt (raw attention's first pass): a sample that gets no crop
+    # keeps its answer instead of decoding it again.
+    decoded: torch.Tensor | None = field(default=None, repr=False)
 
     @property
     def size(self) -> int:
@@ -61,6 +67,29 @@ class PromptBatch:
     def per_sample(self, values: torch.Tensor) -> list[torch.Tensor]:
         """(B, N_max, ...) values over the visual tokens -> each sample's (H_i, W_i, ...) grid."""
         return [values[i, : h * w].reshape(h, w, *values.shape[2:]) for i, (h, w) in enumerate(self.grids)]
+
+
+@dataclass
+class PrefixState:
+    """What the first `layers` decoder layers computed over a batch's prompts, in the batch's own (left-padded)
+    layout: the hidden states they output and their keys/values (a transformers `Cache`; None when the family
+    does not keep them). Layers 0..B-1 are frozen and causal, so for the tokens before the crop ([system, image])
+    stage 2 would compute exactly these again."""
+
+    layers: int
+    hidden: torch.Tensor  # (B, T, D) after `layers` layers, no norm
+    cache: object | None = None  # transformers Cache holding layers 0..layers-1 over the T columns
+
+
+@dataclass
+class AnswerRow:
+    """One sample's stage-2 input, unpadded: embeddings and positions (whatever shape the family's rotary
+    embedding takes, sequence last), and how many leading tokens are the prompt's own (same embeddings, same
+    positions), whose keys/values stage 1 may already hold."""
+
+    embeds: torch.Tensor  # (T_i, D)
+    positions: torch.Tensor  # (T_i,) or (P, T_i)
+    shared: int
 
 
 def pad_visual_positions(positions: list[torch.Tensor]) -> torch.Tensor:
@@ -240,6 +269,36 @@ class FamilyAdapter(ABC):
     def prefix_hidden(self, batch: PromptBatch, num_layers: int) -> torch.Tensor:
         """Hidden states (B, T, D) after the first `num_layers` decoder layers (no final norm)."""
         return self.run_layers(self.input_embeddings(batch), batch, list(self.decoder_layers)[:num_layers])
+
+    def prefix_state(self, batch: PromptBatch, num_layers: int) -> PrefixState:
+        """Stage 1's frozen layers over the prompt, kept on the batch for stage 2. By default only the hidden
+        states (stage 2 then computes the whole prompt again); the stock layout keeps their keys/values too."""
+        batch.prefix = PrefixState(num_layers, self.prefix_hidden(batch, num_layers))
+        return batch.prefix
+
+    @torch.no_grad()
+    def run_prompts_sharing_prefix(
+        self, batches: list[PromptBatch], num_layers: int, around_rest: Callable[[torch.Tensor], ContextManager]
+    ) -> None:
+        """Run the first `num_layers` layers over several prompts about the same images, each prompt wrapped in
+        `around_rest(its visual positions)`. By default prompt by prompt; the stock layout runs the prefix the
+        prompts share once."""
+        layers = list(self.decoder_layers)[:num_layers]
+        for batch in batches:
+            with around_rest(batch.visual_positions):
+                self.run_layers(self.input_embeddings(batch), batch, layers)
+
+    @torch.no_grad()
+    def reprompt(self, batch: PromptBatch, conversations: list[list[str]]) -> PromptBatch:
+        """The same images with other texts. Their visual tokens are copied from `batch`, so the vision tower
+        does not run again (ViCrop asks two more prompts about each image)."""
+        other = self.prepare(batch.images, conversations)
+        source = self.input_embeddings(batch)
+        embeds = self.model.get_input_embeddings()(other.inputs["input_ids"])
+        rows = torch.arange(batch.size, device=embeds.device)[:, None]
+        embeds[rows, other.visual_positions] = source[rows, batch.visual_positions.to(embeds.device)].to(embeds.dtype)
+        other.embeddings = embeds
+        return other
 
     def use_prompt_style(self, style: str) -> None:
         """Write prompts in this style from now on (a family that has only its chat template refuses others)."""

@@ -15,6 +15,7 @@ from transformers import LlavaForConditionalGeneration, LlavaProcessor
 from sdrpn.errors import SdrpnError
 from sdrpn.images import pad_to_square
 from sdrpn.models.base import (
+    AnswerRow,
     CropTokens,
     FamilyDefaults,
     KnownCheckpoint,
@@ -243,44 +244,18 @@ class LlavaAdapter(StockLayoutAdapter):
             batch.embeddings = embeds
         return batch.embeddings
 
-    def generate(
-        self,
-        batch: PromptBatch,
-        crops: list[list[CropTokens]] | None = None,
-        max_new_tokens: int = 128,
-        logits_processor=None,
-    ) -> torch.Tensor:
-        """LLaVA-1.5 takes a crop's kept tokens right after the image's, with no markers (released code)."""
-        embeds = self.input_embeddings(batch)
-        attention_mask = batch.inputs["attention_mask"]
-        extra = [
-            torch.cat([c.kept_features() for c in sample]) if sample else embeds.new_zeros(0, embeds.shape[-1])
-            for sample in (crops or [[]] * batch.size)
-        ]
-        if any(len(t) for t in extra):
-            embeds, attention_mask = self._insert_after_image(embeds, attention_mask, batch, extra)
-        return self.model.generate(
-            inputs_embeds=embeds,
-            attention_mask=attention_mask,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            num_beams=1,
-            pad_token_id=self.tokenizer.pad_token_id,
-            logits_processor=logits_processor,
-        )
-
-    def _insert_after_image(self, embeds, attention_mask, batch: PromptBatch, extra: list[torch.Tensor]):
-        """Rebuild a left-padded batch with each sample's extra tokens right after its image tokens."""
-        rows, masks = [], []
-        for index in range(batch.size):
-            keep = attention_mask[index].bool()
-            start = int((~keep).sum())
-            cut = int(batch.visual_positions[index, -1]) + 1
-            tokens = extra[index].to(embeds.dtype)
-            rows.append(torch.cat([embeds[index, start:cut], tokens, embeds[index, cut:]]))
-        length = max(len(r) for r in rows)
-        padded = embeds.new_zeros(batch.size, length, embeds.shape[-1])
-        for index, row in enumerate(rows):
-            padded[index, length - len(row) :] = row
-            masks.append(torch.arange(length, device=embeds.device) >= length - len(row))
-        return padded, torch.stack(masks).long()
+    def answer_rows(self, batch: PromptBatch, crops: list[list[CropTokens]]) -> list[AnswerRow]:
+        """LLaVA-1.5 takes a crop's kept tokens right after the image's, with no markers (released code);
+        positions count the real tokens, as `generate` counts them past left padding."""
+        embeds, attention_mask = self.input_embeddings(batch), batch.inputs["attention_mask"]
+        rows = []
+        for index, sample in enumerate(crops):
+            row = embeds[index][attention_mask[index].bool()]
+            shared = len(row)
+            if sample:
+                pad = attention_mask.shape[1] - len(row)
+                shared = int(batch.visual_positions[index, batch.visual_counts[index] - 1]) + 1 - pad
+                extra = torch.cat([crop.kept_features() for crop in sample]).to(row.dtype)
+                row = torch.cat([row[:shared], extra, row[shared:]])
+            rows.append(AnswerRow(row, torch.arange(len(row), device=row.device), shared))
+        return rows

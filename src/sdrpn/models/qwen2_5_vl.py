@@ -25,6 +25,7 @@ from transformers.processing_utils import ProcessorMixin
 from sdrpn.errors import SdrpnError
 from sdrpn.images import pad_to_square
 from sdrpn.models.base import (
+    AnswerRow,
     CropTokens,
     FamilyDefaults,
     KnownCheckpoint,
@@ -340,6 +341,11 @@ class Qwen2_5_VLAdapter(StockLayoutAdapter):
             batch.embeddings = embeds.masked_scatter(mask, visual.to(embeds.dtype))
         return batch.embeddings
 
+    def _image_end(self, batch: PromptBatch, index: int) -> int:
+        """Where a sample's crops go in its unpadded row: right after its image's vision end marker."""
+        ids = batch.inputs["input_ids"][index][batch.inputs["attention_mask"][index].bool()]
+        return int((ids == self.model.config.vision_end_token_id).nonzero()[0, 0]) + 1
+
     def _with_crops(self, batch: PromptBatch, index: int, crops: list[CropTokens]):
         """One sample's unpadded (embeds, 3-D positions) with its crops as further images right after its
         image: ids and rope index as the processor and model build them for [image, crop, ...]; then the
@@ -348,7 +354,7 @@ class Qwen2_5_VLAdapter(StockLayoutAdapter):
         keep_row = batch.inputs["attention_mask"][index].bool()
         ids = batch.inputs["input_ids"][index][keep_row]
         embeds = self.input_embeddings(batch)[index][keep_row]
-        cut = int((ids == config.vision_end_token_id).nonzero()[0, 0]) + 1
+        cut = self._image_end(batch, index)
         embed_tokens = self.model.get_input_embeddings()
         markers = embed_tokens(
             torch.tensor([config.vision_start_token_id, config.vision_end_token_id], device=ids.device)
@@ -380,42 +386,25 @@ class Qwen2_5_VLAdapter(StockLayoutAdapter):
         keep = torch.cat(keep_parts).to(ids.device)
         return torch.cat(embed_parts)[keep], positions[:, 0, keep]
 
-    def generate(
-        self,
-        batch: PromptBatch,
-        crops: list[list[CropTokens]] | None = None,
-        max_new_tokens: int = 128,
-        logits_processor=None,
-    ) -> torch.Tensor:
-        """Greedy decoding from our embeddings and 3-D positions. `generate` extends the positions by one per
-        new token from the last prompt token's, which (text, after every image) holds the largest position:
-        decoding continues where the stock model's would (its rope deltas), also after pruned crop tokens."""
-        crops = crops or [[]] * batch.size
-        if any(crops):
-            rows = [self._with_crops(batch, i, sample) for i, sample in enumerate(crops)]
-            length = max(len(e) for e, _ in rows)
-            embeds = rows[0][0].new_zeros(batch.size, length, rows[0][0].shape[-1])
-            positions = torch.zeros(3, batch.size, length, dtype=torch.long, device=embeds.device)
-            attention_mask = torch.zeros(batch.size, length, dtype=torch.long, device=embeds.device)
-            for i, (row_embeds, row_positions) in enumerate(rows):
-                embeds[i, length - len(row_embeds) :] = row_embeds
-                positions[:, i, length - len(row_embeds) :] = row_positions
-                attention_mask[i, length - len(row_embeds) :] = 1
-        else:
-            embeds, positions = self.input_embeddings(batch), batch.position_ids
-            attention_mask = batch.inputs["attention_mask"]
-        text_positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # the stock 4th row: masks only
+    def answer_rows(self, batch: PromptBatch, crops: list[list[CropTokens]]) -> list[AnswerRow]:
+        rows = []
+        for index, sample in enumerate(crops):
+            if sample:
+                rows.append(AnswerRow(*self._with_crops(batch, index, sample), self._image_end(batch, index)))
+                continue
+            keep = batch.inputs["attention_mask"][index].bool()
+            embeds = self.input_embeddings(batch)[index][keep]
+            rows.append(AnswerRow(embeds, batch.position_ids[:, index, keep], len(embeds)))
+        return rows
+
+    def generation_positions(self, positions: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Our 3-D positions under the stock 4th row (text positions, from the mask only). `generate` extends
+        them by one per new token from the last prompt token's, which (text, after every image) holds the
+        largest position: decoding continues where the stock model's would (its rope deltas), also after
+        pruned crop tokens."""
+        text_positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         self.model.model.rope_deltas = None  # positions are given: no stale deltas from another call
-        return self.model.generate(
-            inputs_embeds=embeds,
-            attention_mask=attention_mask,
-            position_ids=torch.cat([text_positions[None], positions]),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            num_beams=1,
-            pad_token_id=self.tokenizer.pad_token_id,
-            logits_processor=logits_processor,
-        )
+        return torch.cat([text_positions[None], positions])
 
 
 def _at_least_one_token(image: Image.Image) -> Image.Image:

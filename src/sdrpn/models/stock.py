@@ -5,16 +5,17 @@ Family adapters subclass `StockLayoutAdapter` and add only what is theirs (image
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager as ContextManager
 from contextlib import contextmanager
 from typing import ClassVar
 
 import torch
 from torch import nn
-from transformers import AutoConfig
+from transformers import AutoConfig, DynamicCache
 
 from sdrpn.errors import SdrpnError
-from sdrpn.models.base import AttentionShape, FamilyAdapter, PromptBatch
+from sdrpn.models.base import AnswerRow, AttentionShape, CropTokens, FamilyAdapter, PrefixState, PromptBatch
 
 
 class StockLayoutAdapter(FamilyAdapter):
@@ -152,17 +153,31 @@ class StockLayoutAdapter(FamilyAdapter):
         finally:
             language_model.layers, language_model.norm = saved
 
-    def run_layers(self, hidden: torch.Tensor, batch: PromptBatch, layers: list[nn.Module]) -> torch.Tensor:
+    def run_layers(self, hidden: torch.Tensor, batch: PromptBatch, layers: list[nn.Module], cache=None) -> torch.Tensor:
+        """`cache` (a transformers Cache) keeps the layers' keys/values, under their own layer indices."""
+        return self._run(hidden, batch.inputs["attention_mask"], batch.position_ids, layers, cache)
+
+    def _run(self, hidden, attention_mask, position_ids, layers: list[nn.Module], cache=None) -> torch.Tensor:
         if not layers:
             return hidden
         with self._swapped_layers(layers):
             out = self._language_model(
                 inputs_embeds=hidden,
-                attention_mask=batch.inputs["attention_mask"],
-                position_ids=batch.position_ids,
-                use_cache=False,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                cache=cache,
+                use_cache=cache is not None,
             )
         return out.last_hidden_state
+
+    @torch.no_grad()
+    def prefix_state(self, batch: PromptBatch, num_layers: int) -> PrefixState:
+        cache = DynamicCache(config=self.model.config)
+        layers = list(self.decoder_layers)[:num_layers]
+        batch.prefix = PrefixState(
+            num_layers, self.run_layers(self.input_embeddings(batch), batch, layers, cache), cache
+        )
+        return batch.prefix
 
     @contextmanager
     def text_attention(self, implementation: str) -> Iterator[None]:
@@ -174,7 +189,114 @@ class StockLayoutAdapter(FamilyAdapter):
         finally:
             text_config._attn_implementation = saved
 
+    @torch.no_grad()
+    def run_prompts_sharing_prefix(
+        self, batches: list[PromptBatch], num_layers: int, around_rest: Callable[[torch.Tensor], ContextManager]
+    ) -> None:
+        """Run the first `num_layers` layers over several prompts per sample (the same images, other texts): the
+        leading tokens all of a sample's prompts share ([system, image]) once, then every prompt's rest, in one
+        batch, on copies of their keys/values. `around_rest(visual_positions)` wraps the second run (e.g. to
+        capture attention rows); the positions are the visual tokens' columns there, prompt after prompt."""
+        size, count = batches[0].size, len(batches)
+        rows = [self.answer_rows(batch, [[]] * size) for batch in batches]
+        shared = [_common_prefix([prompt_rows[i] for prompt_rows in rows]) for i in range(size)]
+        layers = list(self.decoder_layers)[:num_layers]
+        embeds, attention_mask, positions = lay_out(
+            [AnswerRow(row.embeds[:s], row.positions[..., :s], s) for row, s in zip(rows[0], shared)], shared
+        )
+        cache = DynamicCache(config=self.model.config)
+        self._run(embeds, attention_mask, positions, layers, cache)
+        width = max(shared)
+        every = [row for prompt_rows in rows for row in prompt_rows]
+        embeds, attention_mask, positions = lay_out(every, shared * count)
+        copies = [
+            (layer.keys.repeat(count, 1, 1, 1), layer.values.repeat(count, 1, 1, 1))
+            if index < num_layers
+            else (None, None)
+            for index, layer in enumerate(cache.layers)
+        ]
+        visual = []
+        for batch in batches:
+            pads = batch.inputs["attention_mask"].shape[1] - batch.inputs["attention_mask"].sum(1)
+            for i in range(size):
+                column = batch.visual_positions[i] - pads[i]  # index in the unpadded row
+                s, tail = shared[i], len(every[len(visual)].embeds)
+                visual.append(torch.where(column < s, width - s + column, embeds.shape[1] - (tail - column)))
+        with around_rest(torch.stack(visual)):
+            self._run(
+                embeds[:, width:],
+                attention_mask,
+                positions[..., width:],
+                layers,
+                DynamicCache(ddp_cache_data=copies, config=self.model.config),
+            )
+
     # --- decoding ------------------------------------------------------------------------------
+    def answer_rows(self, batch: PromptBatch, crops: list[list[CropTokens]]) -> list[AnswerRow]:
+        """Each sample's stage-2 input with its crops inserted right after its image (the family's layout)."""
+        raise NotImplementedError(f"{type(self).__name__} does not lay out stage 2")
+
+    def generation_positions(self, positions: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The position ids `generate` takes, from the laid-out positions (B, T) or (P, B, T)."""
+        return positions
+
+    def generate(
+        self,
+        batch: PromptBatch,
+        crops: list[list[CropTokens]] | None = None,
+        max_new_tokens: int = 128,
+        logits_processor=None,
+    ) -> torch.Tensor:
+        """Greedy decoding of the family's stage-2 rows. When stage 1 kept its frozen layers' keys/values
+        (`batch.prefix`), the tokens before each sample's crop are not computed again: their keys/values in
+        those layers are stage 1's, their hidden states enter the remaining layers, and decoding continues."""
+        rows = self.answer_rows(batch, crops or [[]] * batch.size)
+        prefix, cache = batch.prefix, None
+        if prefix is not None and prefix.cache is not None:
+            shared = [min(row.shared, len(row.embeds) - 1) for row in rows]  # at least one token left to run
+            embeds, attention_mask, positions = lay_out(rows, shared)
+            cache = self._continue_prefix(batch, prefix, attention_mask, positions, shared)
+        else:
+            embeds, attention_mask, positions = lay_out(rows, [0] * len(rows))
+        return self.model.generate(
+            inputs_embeds=embeds,
+            attention_mask=attention_mask,
+            position_ids=self.generation_positions(positions, attention_mask),
+            cache=cache,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            pad_token_id=self.tokenizer.pad_token_id,
+            logits_processor=logits_processor,
+        )
+
+    @torch.no_grad()
+    def _continue_prefix(
+        self, batch: PromptBatch, prefix: PrefixState, attention_mask, positions, shared: list[int]
+    ) -> DynamicCache:
+        """A cache of every layer over the first `max(shared)` columns of the stage-2 layout: stage 1's keys/values
+        for its layers, moved to where each row's shared tokens now lie, and the remaining layers run on stage 1's
+        hidden states there."""
+        width = max(shared)
+        prompt_mask = batch.inputs["attention_mask"]
+        source = torch.zeros(batch.size, width, dtype=torch.long, device=prompt_mask.device)
+        for row, count in enumerate(shared):
+            start = prompt_mask.shape[1] - int(prompt_mask[row].sum())
+            source[row, width - count :] = torch.arange(start, start + count, device=source.device)
+
+        def moved(values: torch.Tensor) -> torch.Tensor:  # (B, T, D) or (B, H, T, D) -> columns of the new layout
+            index = source.to(values.device).view(batch.size, *[1] * (values.ndim - 3), width, 1)
+            return values.gather(values.ndim - 2, index.expand(*values.shape[:-2], width, values.shape[-1]))
+
+        upper = DynamicCache(config=self.model.config)
+        later = list(self.decoder_layers)[prefix.layers :]
+        self._run(moved(prefix.hidden), attention_mask[:, :width], positions[..., :width], later, upper)
+        data = [
+            (moved(low.keys), moved(low.values)) if index < prefix.layers else (high.keys, high.values)
+            for index, (low, high) in enumerate(zip(prefix.cache.layers, upper.layers))
+        ]
+        return DynamicCache(ddp_cache_data=data, config=self.model.config)
+
     def decode(self, token_ids: torch.Tensor) -> list[str]:
         return [text.strip() for text in self.tokenizer.batch_decode(token_ids, skip_special_tokens=True)]
 
@@ -182,3 +304,32 @@ class StockLayoutAdapter(FamilyAdapter):
     def eos_token_ids(self) -> list[int]:
         eos = self.model.generation_config.eos_token_id
         return list(eos) if isinstance(eos, (list, tuple)) else [eos]
+
+
+def _common_prefix(rows: list[AnswerRow]) -> int:
+    """How many leading tokens (embeddings and positions) all rows share, leaving each at least one of its own."""
+    limit = min(len(row.embeds) for row in rows) - 1
+    same = torch.ones(limit, dtype=torch.bool, device=rows[0].embeds.device)
+    for row in rows[1:]:
+        same &= (row.embeds[:limit] == rows[0].embeds[:limit]).all(-1)
+        same &= (row.positions[..., :limit] == rows[0].positions[..., :limit]).reshape(-1, limit).all(0)
+    return int(same.long().cumprod(0).sum())
+
+
+def lay_out(rows: list[AnswerRow], splits: list[int]):
+    """A batch of rows, each in two parts at `splits`, each part left-padded to its longest: columns
+    [pad, row[:s]] then [pad, row[s:]]. With all splits 0 it is plain left padding; otherwise every row's first
+    part ends at one column, where a cache of those parts can end."""
+    first = max(splits)
+    second = max(len(row.embeds) - split for row, split in zip(rows, splits))
+    length, template = first + second, rows[0]
+    embeds = template.embeds.new_zeros(len(rows), length, template.embeds.shape[-1])
+    positions = template.positions.new_zeros(*template.positions.shape[:-1], len(rows), length)
+    mask = torch.zeros(len(rows), length, dtype=torch.long, device=template.embeds.device)
+    for index, (row, split) in enumerate(zip(rows, splits)):
+        tail = len(row.embeds) - split
+        for begin, end, part in ((first - split, first, slice(0, split)), (length - tail, length, slice(split, None))):
+            embeds[index, begin:end] = row.embeds[part]
+            positions[..., index, begin:end] = row.positions[..., part]
+            mask[index, begin:end] = 1
+    return embeds, mask, positions
