@@ -27,8 +27,7 @@ import torch
 
 from sdrpn.labeling import LabelSettings, generate_labels
 from sdrpn.models import FamilyAdapter, wrap_model
-from sdrpn.models.tiny import TinyLlavaSpec, build_tiny_llava
-from sdrpn.toyworld import world
+from sdrpn.models.shapes import SHAPES, build_shape_model
 from sdrpn.toyworld.pipeline import (
     TOY_TRAIN,
     as_samples,
@@ -44,30 +43,15 @@ from sdrpn.train import TrainSettings, train_rpn
 MODES = ("no cache", "empty cache", "full cache")
 
 
-def llava7b_shape() -> FamilyAdapter:
-    """The 7B-proportioned LLaVA-1.5 described above (random weights, its own word-level tokenizer)."""
-    words = sorted({word for sample in world.make_samples(64, 0) for word in sample.question.split()})
-    spec = TinyLlavaSpec(
-        image_size=336,
-        patch_size=14,
-        vision_hidden=128,
-        vision_layers=24,
-        vision_heads=16,
-        text_hidden=512,
-        text_layers=32,
-        text_heads=32,
-        text_kv_heads=32,
-        text_intermediate=1376,
-        max_positions=2048,
-        words=words,
-    )
-    model, processor = build_tiny_llava(spec, seed=0)
-    return wrap_model(model.eval(), processor, "llava7b-shape")
+def shaped_model(name: str) -> FamilyAdapter:
+    """A 7B-proportioned model of `sdrpn.models.shapes` (random weights, the toy world's words)."""
+    model, processor = build_shape_model(name)
+    return wrap_model(model.eval(), processor, name)
 
 
 def run_prefix_bench(model: str, samples: int, epochs: int, repeats: int, work: Path) -> dict:
-    shaped = model == "llava7b-shape"
-    adapter = llava7b_shape() if shaped else load_toy_model(model)
+    shaped = model in SHAPES
+    adapter = shaped_model(model) if shaped else load_toy_model(model)
     labels = work / "labels"
     scenes = as_samples(label_scenes(samples, aspects=toy_aspects(adapter)))
     if shaped:
@@ -111,7 +95,7 @@ def run_prefix_bench(model: str, samples: int, epochs: int, repeats: int, work: 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="toy", choices=("toy", "toy-qwen", "llava7b-shape"))
+    parser.add_argument("--model", default="toy", choices=("toy", "toy-qwen", *SHAPES))
     parser.add_argument("--samples", type=int, default=512)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=3)
