@@ -16,7 +16,8 @@ over them as labels are) is kept per sample, and scored:
 The score is box mass x sink-free when every sample has a box, else concentration x consistency x variety x
 sink-free. The heads picked: with boxes, the prefix of the ranking (at most `top` heads) whose mean map, made as
 labels are made (heads averaged alike, sinks removed by the norms entering the first picked layer), puts its peak
-on the box most often (the longest such prefix, as more heads average out noise); without boxes, the `top` best.
+on the box most often (among equals, the one whose map holds the most inside the box); without boxes, the `top`
+best.
 """
 
 from __future__ import annotations
@@ -194,19 +195,27 @@ def _variety(stats: list[dict], grids: list[tuple[int, ...]]) -> torch.Tensor:
     return 1 - torch.cat(similarities).mean(0)
 
 
-def label_map_peaks_on_box(samples: list[SampleMaps], heads: list[tuple[int, int]]) -> float:
+def label_map_on_box(samples: list[SampleMaps], heads: list[tuple[int, int]]) -> tuple[float, float]:
     """How often the map labels would be made from (these heads' maps averaged alike, sinks zeroed by the norms
-    entering the first of their layers) peaks on the sample's box; samples without a box are left out."""
+    entering the first of their layers) peaks on the sample's box, and the mean share of that map inside the box;
+    samples without a box are left out."""
     with_box = [s for s in samples if s.box is not None]
     if not with_box:
         raise SdrpnError("no sample has a target box")
     norm_layer = min(layer for layer, _ in heads)
-    hits = 0
+    hits, inside = 0, 0.0
     for sample in with_box:
         averaged = torch.stack([sample.maps[layer, head] for layer, head in heads]).mean(0)
-        cleaned = remove_sinks(averaged, sample.norms[norm_layer])
-        hits += bool(sample.box.flatten()[cleaned.flatten().argmax()])
-    return hits / len(with_box)
+        cleaned = remove_sinks(averaged, sample.norms[norm_layer]).flatten()
+        box = sample.box.flatten()
+        hits += bool(box[cleaned.argmax()])
+        inside += float(cleaned[box].sum() / cleaned.sum().clamp_min(1e-12))
+    return hits / len(with_box), inside / len(with_box)
+
+
+def label_map_peaks_on_box(samples: list[SampleMaps], heads: list[tuple[int, int]]) -> float:
+    """The share of samples whose label map from these heads peaks on the box (see `label_map_on_box`)."""
+    return label_map_on_box(samples, heads)[0]
 
 
 def rank_heads(samples: list[SampleMaps], top: int = 8) -> HeadRanking:
@@ -260,9 +269,9 @@ def _pick(
     candidates = [(s.layer, s.head) for s in ranked[:top]]
     if not with_boxes:
         return candidates, None
-    rates = [label_map_peaks_on_box(samples, candidates[:k]) for k in range(1, len(candidates) + 1)]
-    best = max(k for k in range(len(rates)) if rates[k] == max(rates))
-    return candidates[: best + 1], rates[best]
+    quality = [label_map_on_box(samples, candidates[:k]) for k in range(1, len(candidates) + 1)]
+    best = max(range(len(quality)), key=quality.__getitem__)  # peak on box first, then the map's share in the box
+    return candidates[: best + 1], quality[best][0]
 
 
 # --- files ---------------------------------------------------------------------------------------
