@@ -320,20 +320,23 @@ def save_heat_map(ranking: HeadRanking, path: str | Path) -> Path:
     """A layer x head picture of the score, the picked heads outlined."""
     from matplotlib.figure import Figure
     from matplotlib.patches import Rectangle
+    from matplotlib.ticker import MaxNLocator
 
     layers, heads = ranking.grid
     grid = np.zeros((layers, heads))
     for score in ranking.scores:
         grid[score.layer, score.head] = score.score
-    figure = Figure(figsize=(min(2 + 0.3 * heads, 14), min(1.5 + 0.3 * layers, 12)), dpi=100)
+    figure = Figure(figsize=(min(max(4.5, 2 + 0.3 * heads), 14), min(max(3.5, 1.5 + 0.3 * layers), 12)), dpi=100)
     axes = figure.add_subplot()
     image = axes.imshow(grid, cmap="inferno", aspect="auto", interpolation="nearest")
     for layer, listed in ranking.label_heads.items():
         for head in listed or []:
             axes.add_patch(Rectangle((head - 0.5, layer - 0.5), 1, 1, fill=False, edgecolor="cyan", linewidth=2))
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.yaxis.set_major_locator(MaxNLocator(integer=True))
     axes.set_xlabel("head")
     axes.set_ylabel("layer")
-    axes.set_title("head score" + (" (box mass x sink-free)" if ranking.with_boxes else "") + "; picked: outlined")
+    axes.set_title(f"head score on {ranking.samples} samples (picked: outlined)", fontsize=9)
     figure.colorbar(image, ax=axes)
     figure.tight_layout()
     return atomic_write(path, lambda file: figure.savefig(file, format="png"))
