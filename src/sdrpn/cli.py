@@ -326,6 +326,7 @@ def label_heads_option(text: str):
 def cmd_heads(args) -> int:
     from sdrpn.data import read_samples, shuffled_subset
     from sdrpn.heads import collect_maps, format_table, rank_heads, write_ranking
+    from sdrpn.shipped import shipped_name
 
     check_output_file(args.out, "--out")
     _check_device(args.device)
@@ -350,7 +351,8 @@ def cmd_heads(args) -> int:
     if len(maps) < args.samples:
         print(f"note: ranked on {len(maps)} samples, fewer than the {args.samples} asked", file=sys.stderr)
     ranking = rank_heads(maps, top=args.top)
-    json_path, picture = write_ranking(ranking, args.out, adapter.name_or_path, queries, args.samples)
+    model = shipped_name(adapter.name_or_path) or adapter.name_or_path  # 'toy', not this machine's install path
+    json_path, picture = write_ranking(ranking, args.out, model, queries, args.samples)
     print(format_table(ranking, args.show))
     label_heads = ";".join(f"{layer}:{','.join(map(str, heads))}" for layer, heads in ranking.label_heads.items())
     peak = "" if ranking.peak_on_box is None else f"; their label map peaks on the box in {ranking.peak_on_box:.0%}"
