@@ -105,15 +105,17 @@ def distill(model: str, heads_file: Path, out: Path, samples: int = 2000):
 
 
 def bench(model: str, rpn: Path, n: int, seed: int) -> dict:
-    """Accuracy per question type of SD-RPN with the given RPN and with the shipped one, on the same scenes."""
+    """Accuracy per question type of SD-RPN with the given RPN and with the shipped one, on the same scenes (each
+    printed as soon as it is measured)."""
     adapter = pipeline.load_toy_model(model)
     samples = world.make_samples(n, seed, aspects=pipeline.toy_aspects(adapter))
     runner = {"sdrpn_mask": pipeline.method_runners()["sdrpn_mask"]}
     result = {"model": model, "seed": seed, "n": n}
-    for name, folder in (("shipped RPN", shipped_dir("rpn", model)), ("RPN from sdrpn heads", rpn)):
+    for name, folder in (("RPN from sdrpn heads", rpn), ("shipped RPN", shipped_dir("rpn", model))):
         zoom = pipeline.make_zoom(adapter, load_rpn(folder, adapter))
         runs = pipeline.run_methods(zoom, samples, runner, timing_samples=0)
         result[name] = pipeline.accuracy_by_type(samples, runs["sdrpn_mask"].answers)
+        print(json.dumps({name: result[name]}), flush=True)
     return result
 
 
