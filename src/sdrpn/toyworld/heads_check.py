@@ -7,12 +7,13 @@
     python -m sdrpn.toyworld.heads_check bench --model toy --rpn heads-rpn/rpn --n 300 --seed 7
 
 `export` writes toy scenes as PNG files and a JSONL with each target's box, so the ranking runs through the same
-command as for any data. `compare` answers fresh scenes once and measures how often the label map (the heads'
-maps averaged alike, sinks zeroed by the paper's norm rule, as labels are made) peaks on the target, for the
-recipe's label layers (`label_layers_from_recipe`) and for the heads in the file. `distill` self-distils an RPN
-from the file's heads with everything else as the shipped RPN was made (`sdrpn demo --train-rpn`). `bench` runs
-SD-RPN (masked upscaling, the toy's RoI settings) with that RPN and with the shipped one on the scenes
-`sdrpn bench toy` uses for the same seed and size.
+command as for any data. `compare` answers fresh scenes once and measures how often the label map (the heads' maps
+averaged alike, sinks zeroed by the paper's norm rule, as labels are made) peaks on the target, and what labels it
+gives (dropped samples, foreground tokens and their share on the target), for the recipe's label layers
+(`label_layers_from_recipe`) and for the heads in the file. `distill` self-distils an RPN from the file's heads with
+everything else as the shipped RPN was made (`sdrpn demo --train-rpn`). `bench` runs SD-RPN (masked upscaling, the
+toy's RoI settings) with that RPN and with the shipped one on the scenes `sdrpn bench toy` uses for the same seed
+and size.
 """
 
 from __future__ import annotations
@@ -22,9 +23,12 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+import torch
+
 from sdrpn.data import Sample
 from sdrpn.files import atomic_write
-from sdrpn.heads import collect_maps, label_map_peaks_on_box, read_head_list
+from sdrpn.heads import SampleMaps, collect_maps, label_map_peaks_on_box, read_head_list
+from sdrpn.labeling import LabelSettings, make_labels
 from sdrpn.models.base import LayerHeads
 from sdrpn.rpn import load_rpn
 from sdrpn.shipped import shipped_dir
@@ -87,9 +91,32 @@ def compare(model: str, heads_file: Path, n: int, seed: int) -> dict:
                 "heads": " ".join(f"{layer}:{head}" for layer, head in pairs),
                 "all": round(label_map_peaks_on_box(maps, pairs), 4),
                 "fine": round(label_map_peaks_on_box(fine, pairs), 4),
+                "labels": label_statistics(maps, pairs, settings),
             }
             for name, pairs in chosen.items()
         },
+    }
+
+
+def label_statistics(maps: list[SampleMaps], heads: list[tuple[int, int]], settings: LabelSettings) -> dict:
+    """The labels these heads give: how many samples are dropped, how many foreground tokens the others have, and
+    which share of those lies on the target's box."""
+    norm_layer = min(layer for layer, _ in heads)
+    foreground, on_box, dropped = [], [], 0
+    for sample in maps:
+        averaged = torch.stack([sample.maps[layer, head] for layer, head in heads]).mean(0)
+        labels = make_labels(averaged, sample.norms[norm_layer], None, settings)
+        if (labels == -1).all():
+            dropped += 1
+            continue
+        is_fg = labels == 1
+        foreground.append(int(is_fg.sum()))
+        on_box.append(float((is_fg & sample.box).sum() / is_fg.sum()))
+    kept = max(len(foreground), 1)
+    return {
+        "dropped": dropped,
+        "mean_foreground_tokens": round(sum(foreground) / kept, 3),
+        "foreground_share_on_box": round(sum(on_box) / kept, 4),
     }
 
 
