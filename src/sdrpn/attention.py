@@ -24,12 +24,14 @@ CAPTURE_IMPLEMENTATION = "sdrpn_capture"
 
 
 class RowRecorder:
-    """Keeps, per forward call, the head-averaged attention of the last query to the visual tokens."""
+    """Keeps, per forward call, the head-averaged attention of the last query to the visual tokens
+    (`per_head`: every head's row, for ranking heads)."""
 
-    def __init__(self, heads: list[int] | None, visual_positions: torch.Tensor):
+    def __init__(self, heads: list[int] | None, visual_positions: torch.Tensor, per_head: bool = False):
         self.heads = heads
         self.visual_positions = visual_positions
-        self.rows: list[torch.Tensor] = []  # each (B, N_max)
+        self.per_head = per_head
+        self.rows: list[torch.Tensor] = []  # each (B, N_max), or (B, H, N_max) per head
 
     def record(self, query, key, attention_mask, scaling: float) -> None:
         last_query = query[:, :, -1:, :].float()  # (B, H, 1, D)
@@ -44,10 +46,14 @@ class RowRecorder:
         probs = scores.softmax(-1)[:, :, 0]  # (B, H, S)
         if self.heads is not None:
             probs = probs[:, self.heads]
-        self.rows.append(probs.mean(1).gather(1, self.visual_positions.to(probs.device)))
+        positions = self.visual_positions.to(probs.device)
+        if self.per_head:
+            self.rows.append(probs.gather(2, positions[:, None, :].expand(-1, probs.shape[1], -1)))
+        else:
+            self.rows.append(probs.mean(1).gather(1, positions))
 
     def stacked(self) -> torch.Tensor:
-        return torch.stack(self.rows, dim=1)  # (B, steps, N_v)
+        return torch.stack(self.rows, dim=1)  # (B, steps, N_v), or (B, steps, H, N_v) per head
 
 
 def _capturing_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -67,9 +73,11 @@ AttentionMaskInterface.register(CAPTURE_IMPLEMENTATION, sdpa_mask)
 
 
 @contextmanager
-def capture_rows(adapter: FamilyAdapter, layer_heads: LayerHeads, visual_positions: torch.Tensor) -> Iterator[dict]:
+def capture_rows(
+    adapter: FamilyAdapter, layer_heads: LayerHeads, visual_positions: torch.Tensor, per_head: bool = False
+) -> Iterator[dict]:
     """Inside the block, every forward of the adapter's model records rows at `layer_heads`."""
-    recorders = {layer: RowRecorder(heads, visual_positions) for layer, heads in layer_heads.items()}
+    recorders = {layer: RowRecorder(heads, visual_positions, per_head) for layer, heads in layer_heads.items()}
     modules = [adapter.attention_module(adapter.decoder_layers[layer]) for layer in recorders]
     with ExitStack() as stack:
         stack.enter_context(adapter.text_attention(CAPTURE_IMPLEMENTATION))
@@ -139,14 +147,15 @@ def _mean_over_steps(
         return num_heads if recorder.heads is None else len(recorder.heads)
 
     weights = torch.tensor([weight(r) for r in recorders], dtype=torch.float32)
-    stacked = torch.stack([r.stacked() for r in recorders])  # (layers, B, steps, N)
-    rows = (stacked * weights.to(stacked.device)[:, None, None, None]).sum(0) / weights.sum()
+    stacked = torch.stack([r.stacked() for r in recorders])  # (layers, B, steps, N) or (layers, B, steps, H, N)
+    weights = weights.to(stacked.device).reshape(-1, *([1] * (stacked.ndim - 1)))
+    rows = (stacked * weights).sum(0) / weights.sum()
     steps = torch.arange(rows.shape[1], device=rows.device)[None, :]
     active = steps < lengths.to(rows.device)[:, None]
     if queries == "answer":
         active &= steps >= 1
-    active = active.float()
-    return (rows * active[..., None]).sum(1) / active.sum(1).clamp(min=1)[:, None]
+    active = active.float().reshape(*active.shape, *([1] * (rows.ndim - 2)))  # per-head rows: (B, steps, H, N)
+    return (rows * active).sum(1) / active.sum(1).clamp(min=1)
 
 
 class ForcedAnswers(LogitsProcessor):

@@ -128,8 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--label-heads",
         "--layers",
         default=None,
-        help="label layers:heads, e.g. '14:24,13,26;15', or a named set of the model ('text-rich', 'natural'); "
-        "default: the model's",
+        help="label layers:heads, e.g. '14:24,13,26;15', a named set of the model ('text-rich', 'natural'), or "
+        "a heads.json written by sdrpn heads; default: the model's",
     )
     label.add_argument("--sink-rule", choices=("norm", "attention", "none"), default=None, help="default: the model's")
     label.add_argument("--sink-threshold", type=float, default=None, help="attention sink rule threshold")
@@ -221,6 +221,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ask.add_argument("--json", action="store_true", help="print the whole result as JSON")
 
+    heads = commands.add_parser("heads", help="rank every head by how well its attention localises; pick label heads")
+    _add_model(heads)
+    heads.add_argument("--data", required=True, help="JSON/JSONL of {image, question}; an optional box scores heads")
+    heads.add_argument("--image-root", default=None, help="folder image paths are relative to (default: the data's)")
+    heads.add_argument("--samples", type=positive_int, default=64, help="seeded random sample the model answers")
+    heads.add_argument("--seed", type=int, default=0)
+    heads.add_argument("--out", default="heads.json", help="head list for --label-heads (a heat map PNG beside it)")
+    heads.add_argument("--top", type=positive_int, default=8, help="most heads to pick")
+    heads.add_argument(
+        "--queries",
+        choices=("answer", "prompt+answer"),
+        default=None,
+        help="rows averaged, as in sdrpn label (default: the model's)",
+    )
+    heads.add_argument("--batch-size", type=positive_int, default=4)
+    heads.add_argument("--max-new-tokens", type=positive_int, default=32)
+    heads.add_argument("--show", type=int, default=20, help="table rows printed")
+
     commands.add_parser("selftest", help="label, train and ask end to end on a tiny offline model (~1 min)")
 
     demo = commands.add_parser("demo", help="the shipped tiny MLLM with and without SD-RPN on fresh toy scenes")
@@ -296,10 +314,10 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_label(args) -> int:
     from sdrpn.data import file_fingerprint, read_samples, shuffled_subset
     from sdrpn.distributed import process_device, run_state
-    from sdrpn.labeling import LabelSettings, generate_labels, label_heads_from_text
+    from sdrpn.labeling import LabelSettings, generate_labels
 
     settings = LabelSettings(
-        label_heads=label_heads_from_text(args.label_heads) if args.label_heads else None,
+        label_heads=label_heads_option(args.label_heads) if args.label_heads else None,
         sink_rule=args.sink_rule,
         sink_threshold=args.sink_threshold,
         queries=args.queries,
@@ -338,6 +356,55 @@ def cmd_label(args) -> int:
         f"labelled {result.labelled}, already done {result.skipped_done}, bad {len(bad)}, "
         f"dropped (foreground box too large) {result.dropped} -> {args.out}"
     )
+    return 0
+
+
+def label_heads_option(text: str):
+    """--label-heads: a file written by `sdrpn heads`, or layers:heads / a head set's name."""
+    from sdrpn.labeling import label_heads_from_text
+
+    if text.strip().lower().endswith(".json"):
+        from sdrpn.heads import read_head_list
+
+        return read_head_list(text)
+    return label_heads_from_text(text)
+
+
+def cmd_heads(args) -> int:
+    from sdrpn.data import read_samples, shuffled_subset
+    from sdrpn.heads import collect_maps, format_table, rank_heads, write_ranking
+    from sdrpn.shipped import shipped_name
+
+    check_output_file(args.out, "--out")
+    _check_device(args.device)
+    report = read_samples(args.data, args.image_root)
+    samples = shuffled_subset(report.samples, args.samples, args.seed)
+    if not samples:
+        first = f" (first: {report.bad[0]})" if report.bad else ""
+        raise SdrpnError(f"no usable sample in '{args.data}'{first}")
+    adapter = _load_adapter(args)
+    queries = args.queries or adapter.defaults().label_queries
+    maps, bad = collect_maps(
+        adapter,
+        samples,
+        queries=queries,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+    )
+    for reason in report.bad + bad:
+        print(f"skipped: {reason}", file=sys.stderr)
+    if not maps:
+        raise SdrpnError(f"every one of the {len(samples)} samples failed (first: {bad[0]})")
+    if len(maps) < args.samples:
+        print(f"note: ranked on {len(maps)} samples, fewer than the {args.samples} asked", file=sys.stderr)
+    ranking = rank_heads(maps, top=args.top)
+    model = shipped_name(adapter.name_or_path) or adapter.name_or_path  # 'toy', not this machine's install path
+    json_path, picture = write_ranking(ranking, args.out, model, queries, args.samples)
+    print(format_table(ranking, args.show))
+    label_heads = ";".join(f"{layer}:{','.join(map(str, heads))}" for layer, heads in ranking.label_heads.items())
+    peak = "" if ranking.peak_on_box is None else f"; their label map peaks on the box in {ranking.peak_on_box:.0%}"
+    print(f"picked (*): {label_heads}{peak} -> {json_path} (heat map {picture})")
+    print(f"use: sdrpn label --label-heads {json_path} --queries {queries} ...")
     return 0
 
 
@@ -525,6 +592,7 @@ COMMANDS = {
     "label": cmd_label,
     "train": cmd_train,
     "ask": cmd_ask,
+    "heads": cmd_heads,
     "selftest": cmd_selftest,
     "demo": cmd_demo,
     "bench": cmd_bench,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import random
 import re
 from collections.abc import Iterable
@@ -32,6 +33,7 @@ class Sample:
     image_path: Path  # resolved absolute path, inside the image root
     question: str  # without the LLaVA "<image>" placeholder and surrounding whitespace
     answer: str | None  # the first gpt turn / "answer" field; kept for reference only
+    box: tuple[float, float, float, float] | None = None  # optional target box x0, y0, x1, y1 in image pixels
 
 
 @dataclass
@@ -69,7 +71,8 @@ def read_samples(
     The format is detected from the content: a JSON list of records (LLaVA instruction format, or
     records shaped like the JSONL ones), or JSON Lines with one object per line (blank lines ignored).
     A record holding "conversations" is read LLaVA-style (question = first human turn, answer = first
-    gpt turn), otherwise from its "question"/"answer" fields. A record without an "id" is keyed by a hash of
+    gpt turn), otherwise from its "question"/"answer" fields; an optional "box" [x0, y0, x1, y1] (image pixels)
+    says where the answer is, for ranking label heads. A record without an "id" is keyed by a hash of
     its image path and question (stable when lines move); messages name 1-based line numbers for JSONL (as
     editors show them) and 0-based indices for a JSON list (as jq and Python index). A JSONL line that is not
     UTF-8 is skipped with a message; the rest is read.
@@ -209,6 +212,7 @@ def _sample(entry: _Entry, stem: str, root: Path) -> Sample:
         image_path=_image_path(image, root),
         question=question,
         answer=answer,
+        box=_box(record.get("box")),
     )
 
 
@@ -273,6 +277,19 @@ def _answer(value: object) -> str | None:
     if isinstance(value, int | float) and not isinstance(value, bool):
         return str(value)
     raise _BadRecord(f"answer must be a string, got a JSON {_json_type(value)}")
+
+
+def _box(value: object) -> tuple[float, float, float, float] | None:
+    """An optional target box [x0, y0, x1, y1] in image pixels (what `sdrpn heads` scores heads against)."""
+    if value is None:
+        return None
+    numbers = value if isinstance(value, list) else []
+    if len(numbers) != 4 or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in numbers):
+        raise _BadRecord(f"box must be [x0, y0, x1, y1] in pixels, got {json.dumps(value)[:60]}")
+    x0, y0, x1, y1 = (float(v) for v in numbers)
+    if not all(math.isfinite(v) for v in (x0, y0, x1, y1)) or x0 < 0 or y0 < 0 or x1 <= x0 or y1 <= y0:
+        raise _BadRecord(f"box must satisfy 0 <= x0 < x1 and 0 <= y0 < y1, got {json.dumps(value)[:60]}")
+    return (x0, y0, x1, y1)
 
 
 def _sample_id(record: dict[str, object], fallback: str) -> str:

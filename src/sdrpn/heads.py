@@ -1,0 +1,367 @@
+"""Rank every (layer, head) by how well its answer->image attention localises, to pick label heads.
+
+The paper's label heads were hand-picked per checkpoint, and such lists do not transfer to another model. Here
+the model answers a small sample; every head's attention from the positions that predict the answer (averaged
+over them as labels are) is kept per sample, and scored:
+
+- concentration: 1 - spatial entropy / log N of the map once sink tokens are zeroed (a head that looks
+  everywhere says nothing about where);
+- consistency: how steady that concentration is across samples, mean / (mean + std);
+- variety: 1 - cosine similarity of a sample's map with the head's mean map over the sample (a head that looks at
+  the same tokens whatever the image is positional, not localising);
+- sink-free: 1 - the share of its attention on sink tokens (outlying hidden-state norms entering its layer, the
+  paper's rule), which label making throws away;
+- with target boxes: box mass (the share of the sink-free map inside the box) and peak on box.
+
+The score is box mass x sink-free when every sample has a box, else concentration x consistency x variety x
+sink-free. The heads picked: with boxes, the prefix of the ranking (at most `top` heads) whose mean map, made as
+labels are made (heads averaged alike, sinks removed by the norms entering the first picked layer), puts its peak
+on the box most often (among equals, the one whose map holds the most inside the box); without boxes, the `top`
+best.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from sdrpn.attention import QUERIES, _mean_over_steps, capture_hidden_norms, capture_rows, response_lengths
+from sdrpn.data import Sample
+from sdrpn.errors import SdrpnError
+from sdrpn.files import atomic_write, atomic_write_json
+from sdrpn.images import load_image
+from sdrpn.labels import remove_sinks, sink_threshold
+from sdrpn.models.base import FamilyAdapter, LayerHeads
+from sdrpn.roi import Geometry
+
+BOX_SHARE_OF_TOKEN = 0.2  # a token is on the box when the box covers this much of it ...
+BOX_SHARE_OF_BOX = 0.25  # ... or it holds this much of the box (a box smaller than a token still has one)
+
+
+@dataclass
+class SampleMaps:
+    """One answered sample: every head's attention map and what scoring needs beside it, on the sample's grid."""
+
+    sample_id: str
+    maps: torch.Tensor  # (L, H, h, w) attention of the answer-predicting positions, averaged over them
+    norms: torch.Tensor  # (L, h, w) L2 norms of the visual hidden states entering each layer (prompt pass)
+    box: torch.Tensor | None  # (h, w) bool: the tokens on the sample's target box
+
+
+@dataclass
+class HeadScore:
+    layer: int
+    head: int
+    score: float
+    concentration: float
+    consistency: float
+    variety: float
+    sink_free: float
+    box_mass: float | None = None
+    peak_on_box: float | None = None
+
+
+@dataclass
+class HeadRanking:
+    """Every head, best first, and the heads picked for labels."""
+
+    scores: list[HeadScore]
+    label_heads: LayerHeads
+    samples: int
+    with_boxes: bool
+    peak_on_box: float | None  # how often the picked heads' label map peaks on the box (sample with boxes)
+    grid: tuple[int, int]  # (layers, heads)
+
+
+def box_tokens(box: tuple[float, float, float, float], geometry: Geometry) -> torch.Tensor:
+    """(h, w) bool: the grid tokens a pixel box lies on (a token is a cell of the canvas the image is placed on)."""
+    x0, y0, x1, y1 = box
+    x0, x1 = max(x0, 0.0), min(x1, float(geometry.image_width))
+    y0, y1 = max(y0, 0.0), min(y1, float(geometry.image_height))
+    if x1 <= x0 or y1 <= y0:
+        raise SdrpnError(f"box {list(box)} lies outside the {geometry.image_width} x {geometry.image_height} image")
+    left = np.arange(geometry.grid_width) * geometry.cell_width - geometry.offset_x
+    top = np.arange(geometry.grid_height) * geometry.cell_height - geometry.offset_y
+    overlap_x = np.clip(np.minimum(x1, left + geometry.cell_width) - np.maximum(x0, left), 0, None)
+    overlap_y = np.clip(np.minimum(y1, top + geometry.cell_height) - np.maximum(y0, top), 0, None)
+    overlap = overlap_y[:, None] * overlap_x[None, :]
+    cell_area = geometry.cell_width * geometry.cell_height
+    on = (overlap >= BOX_SHARE_OF_TOKEN * cell_area) | (overlap >= BOX_SHARE_OF_BOX * (x1 - x0) * (y1 - y0))
+    return torch.from_numpy(on & (overlap > 0))
+
+
+@torch.no_grad()
+def collect_maps(
+    adapter: FamilyAdapter,
+    samples: list[Sample],
+    *,
+    queries: str = "answer",
+    max_new_tokens: int = 32,
+    batch_size: int = 4,
+    open_image: Callable = load_image,
+    progress: bool = True,
+) -> tuple[list[SampleMaps], list[str]]:
+    """The model answers each sample (greedy, on the grid labels use); returns every head's map per sample, and one
+    line per sample that could not be used (unreadable image, bad box, an answer with no query row)."""
+    if queries not in QUERIES:
+        raise SdrpnError(f"queries must be one of {QUERIES}, got {queries!r}")
+    shape = adapter.attention_shape
+    layers = list(range(shape.num_layers))
+    collected: list[SampleMaps] = []
+    bad: list[str] = []
+    bar = tqdm(total=len(samples), desc="heads", unit="sample", disable=not progress)
+    for start in range(0, len(samples), batch_size):
+        chunk, images = [], []
+        for sample in samples[start : start + batch_size]:
+            try:
+                images.append(open_image(sample.image_path))
+                chunk.append(sample)
+            except SdrpnError as error:
+                bad.append(f"{sample.sample_id}: {error}")
+        if chunk:
+            batch = adapter.prepare(images, [[s.question] for s in chunk], training=True)
+            with ExitStack() as stack:
+                recorders = stack.enter_context(
+                    capture_rows(adapter, dict.fromkeys(layers), batch.visual_positions, per_head=True)
+                )
+                norms = [
+                    stack.enter_context(capture_hidden_norms(adapter, layer, batch.visual_positions))
+                    for layer in layers
+                ]
+                token_ids = adapter.generate(batch, max_new_tokens=max_new_tokens)
+            lengths = response_lengths(token_ids, adapter.eos_token_ids)
+            rows = [
+                _mean_over_steps([recorders[layer]], lengths, shape.num_heads, queries, "layer") for layer in layers
+            ]
+            maps = batch.per_sample(torch.stack(rows, -1).permute(0, 2, 3, 1).float().cpu())  # each (h, w, L, H)
+            sample_norms = batch.per_sample(torch.stack([n[0] for n in norms], -1).cpu())  # each (h, w, L)
+            for index, sample in enumerate(chunk):
+                head_maps = maps[index].permute(2, 3, 0, 1).contiguous()
+                if not head_maps.sum() > 0:
+                    bad.append(f"{sample.sample_id}: the answer has no query position ({queries!r}); try --queries")
+                    continue
+                try:
+                    box = None if sample.box is None else box_tokens(sample.box, batch.geometries[index])
+                except SdrpnError as error:
+                    bad.append(f"{sample.sample_id}: {error}")
+                    continue
+                collected.append(SampleMaps(sample.sample_id, head_maps, sample_norms[index].permute(2, 0, 1), box))
+        bar.update(len(samples[start : start + batch_size]))
+    bar.close()
+    return collected, bad
+
+
+def _per_sample_stats(sample: SampleMaps) -> dict[str, torch.Tensor]:
+    """(L, H) statistics of one sample's maps: sink mass, concentration, box mass and peak on box."""
+    raw = sample.maps.flatten(2)  # (L, H, N)
+    norms = sample.norms.flatten(1)  # (L, N)
+    sinks = norms > sink_threshold(norms, batched=True)[:, None]
+    total = raw.sum(-1).clamp_min(1e-12)
+    sink_mass = (raw * sinks[:, None]).sum(-1) / total
+    clean = raw.masked_fill(sinks[:, None], 0)
+    mass = clean.sum(-1, keepdim=True)
+    p = torch.where(mass > 0, clean / mass.clamp_min(1e-12), torch.full_like(clean, 1 / raw.shape[-1]))
+    entropy = -(p * p.clamp_min(1e-12).log()).sum(-1)
+    tokens = raw.shape[-1]
+    concentration = 1 - entropy / math.log(tokens) if tokens > 1 else torch.ones_like(entropy)
+    stats = {"sink_mass": sink_mass, "concentration": concentration, "p": p}
+    if sample.box is not None:
+        box = sample.box.flatten().to(p.dtype)
+        stats["box_mass"] = (p * box).sum(-1)
+        stats["peak_on_box"] = box[p.argmax(-1)]
+    return stats
+
+
+def _variety(stats: list[dict], grids: list[tuple[int, ...]]) -> torch.Tensor:
+    """1 - mean cosine similarity of each sample's map with the head's mean map, over samples on the same grid
+    (1 where no grid holds two samples: nothing to compare)."""
+    similarities = []
+    for grid in set(grids):
+        group = torch.stack([s["p"] for s, g in zip(stats, grids) if g == grid])  # (S, L, H, N)
+        if len(group) < 2:
+            continue
+        mean = group.mean(0, keepdim=True)
+        similarities.append(torch.nn.functional.cosine_similarity(group, mean.expand_as(group), dim=-1))
+    if not similarities:
+        return torch.ones(stats[0]["p"].shape[:2])
+    return 1 - torch.cat(similarities).mean(0)
+
+
+def label_map_on_box(samples: list[SampleMaps], heads: list[tuple[int, int]]) -> tuple[float, float]:
+    """How often the map labels would be made from (these heads' maps averaged alike, sinks zeroed by the norms
+    entering the first of their layers) peaks on the sample's box, and the mean share of that map inside the box;
+    samples without a box are left out."""
+    with_box = [s for s in samples if s.box is not None]
+    if not with_box:
+        raise SdrpnError("no sample has a target box")
+    norm_layer = min(layer for layer, _ in heads)
+    hits, inside = 0, 0.0
+    for sample in with_box:
+        averaged = torch.stack([sample.maps[layer, head] for layer, head in heads]).mean(0)
+        cleaned = remove_sinks(averaged, sample.norms[norm_layer]).flatten()
+        box = sample.box.flatten()
+        hits += bool(box[cleaned.argmax()])
+        inside += float(cleaned[box].sum() / cleaned.sum().clamp_min(1e-12))
+    return hits / len(with_box), inside / len(with_box)
+
+
+def label_map_peaks_on_box(samples: list[SampleMaps], heads: list[tuple[int, int]]) -> float:
+    """The share of samples whose label map from these heads peaks on the box (see `label_map_on_box`)."""
+    return label_map_on_box(samples, heads)[0]
+
+
+def rank_heads(samples: list[SampleMaps], top: int = 8) -> HeadRanking:
+    """Score every head over the answered samples (see the module docstring) and pick the label heads."""
+    if not samples:
+        raise SdrpnError("no sample could be used to rank heads")
+    stats = [_per_sample_stats(s) for s in samples]
+    grids = [tuple(s.maps.shape[2:]) for s in samples]
+    concentration = torch.stack([s["concentration"] for s in stats])  # (S, L, H)
+    mean_concentration = concentration.mean(0)
+    spread = concentration.std(0, correction=0)
+    consistency = mean_concentration / (mean_concentration + spread).clamp_min(1e-12)
+    variety = _variety(stats, grids)
+    sink_free = 1 - torch.stack([s["sink_mass"] for s in stats]).mean(0)
+    with_boxes = all(s.box is not None for s in samples)
+    box_mass = peak_on_box = None
+    if with_boxes:
+        box_mass = torch.stack([s["box_mass"] for s in stats]).mean(0)
+        peak_on_box = torch.stack([s["peak_on_box"] for s in stats]).mean(0)
+        score = box_mass * sink_free
+    else:
+        score = mean_concentration * consistency * variety * sink_free
+    layers, heads = score.shape
+    scores = [
+        HeadScore(
+            layer=layer,
+            head=head,
+            score=round(float(score[layer, head]), 4),
+            concentration=round(float(mean_concentration[layer, head]), 4),
+            consistency=round(float(consistency[layer, head]), 4),
+            variety=round(float(variety[layer, head]), 4),
+            sink_free=round(float(sink_free[layer, head]), 4),
+            box_mass=None if box_mass is None else round(float(box_mass[layer, head]), 4),
+            peak_on_box=None if peak_on_box is None else round(float(peak_on_box[layer, head]), 4),
+        )
+        for layer in range(layers)
+        for head in range(heads)
+    ]
+    order = sorted(range(len(scores)), key=lambda i: (-float(score.flatten()[i]), -scores[i].concentration, i))
+    ranked = [scores[i] for i in order]
+    picked, rate = _pick(samples, ranked, top, with_boxes)
+    label_heads: LayerHeads = {}
+    for layer, head in sorted(picked):
+        label_heads.setdefault(layer, []).append(head)
+    return HeadRanking(ranked, label_heads, len(samples), with_boxes, rate, (layers, heads))
+
+
+def _pick(
+    samples: list[SampleMaps], ranked: list[HeadScore], top: int, with_boxes: bool
+) -> tuple[list[tuple[int, int]], float | None]:
+    candidates = [(s.layer, s.head) for s in ranked[:top]]
+    if not with_boxes:
+        return candidates, None
+    quality = [label_map_on_box(samples, candidates[:k]) for k in range(1, len(candidates) + 1)]
+    best = max(range(len(quality)), key=quality.__getitem__)  # peak on box first, then the map's share in the box
+    return candidates[: best + 1], quality[best][0]
+
+
+# --- files ---------------------------------------------------------------------------------------
+
+
+def ranking_json(ranking: HeadRanking, model: str, queries: str, asked: int) -> dict:
+    """What `sdrpn heads` writes: the label heads (what `--label-heads FILE.json` reads) and the whole ranking."""
+    return {
+        "label_heads": {str(layer): heads for layer, heads in ranking.label_heads.items()},
+        "model": model,
+        "queries": queries,
+        "samples": ranking.samples,
+        "samples_asked": asked,
+        "with_boxes": ranking.with_boxes,
+        "peak_on_box": ranking.peak_on_box,
+        "layers": ranking.grid[0],
+        "heads_per_layer": ranking.grid[1],
+        "ranking": [asdict(score) for score in ranking.scores],
+    }
+
+
+def read_head_list(path: str | Path) -> LayerHeads:
+    """The label heads of a file `sdrpn heads` wrote, as {layer: [heads]}."""
+    try:
+        payload = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise SdrpnError(f"head list '{path}' not found") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise SdrpnError(f"head list '{path}' is not readable JSON ({' '.join(str(error).split())})") from None
+    heads = payload.get("label_heads") if isinstance(payload, dict) else None
+    try:
+        if not isinstance(heads, dict) or not heads:
+            raise TypeError
+        parsed = {int(layer): [int(h) for h in listed] for layer, listed in heads.items()}
+        if any(not listed for listed in parsed.values()):
+            raise TypeError
+    except (TypeError, ValueError):
+        raise SdrpnError(
+            f'head list \'{path}\' has no "label_heads" of the form {{"layer": [heads, ...]}} '
+            "(write it with sdrpn heads)"
+        ) from None
+    return parsed
+
+
+def save_heat_map(ranking: HeadRanking, path: str | Path) -> Path:
+    """A layer x head picture of the score, the picked heads outlined."""
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Rectangle
+    from matplotlib.ticker import MaxNLocator
+
+    layers, heads = ranking.grid
+    grid = np.zeros((layers, heads))
+    for score in ranking.scores:
+        grid[score.layer, score.head] = score.score
+    figure = Figure(figsize=(min(max(4.5, 2 + 0.3 * heads), 14), min(max(3.5, 1.5 + 0.3 * layers), 12)), dpi=100)
+    axes = figure.add_subplot()
+    image = axes.imshow(grid, cmap="inferno", aspect="auto", interpolation="nearest")
+    for layer, listed in ranking.label_heads.items():
+        for head in listed or []:
+            axes.add_patch(Rectangle((head - 0.5, layer - 0.5), 1, 1, fill=False, edgecolor="cyan", linewidth=2))
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.yaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.set_xlabel("head")
+    axes.set_ylabel("layer")
+    axes.set_title(f"head score on {ranking.samples} samples (picked: outlined)", fontsize=9)
+    figure.colorbar(image, ax=axes)
+    figure.tight_layout()
+    return atomic_write(path, lambda file: figure.savefig(file, format="png"))
+
+
+def write_ranking(ranking: HeadRanking, out: str | Path, model: str, queries: str, asked: int) -> tuple[Path, Path]:
+    """heads.json and, beside it, heads.png."""
+    out = Path(out)
+    atomic_write_json(out, ranking_json(ranking, model, queries, asked))
+    return out, save_heat_map(ranking, out.with_suffix(".png"))
+
+
+def format_table(ranking: HeadRanking, rows: int = 20) -> str:
+    """The best `rows` heads as a plain-text table."""
+    picked = {(layer, head) for layer, listed in ranking.label_heads.items() for head in listed or []}
+    header = "rank layer head  score  conc  cons  vari  sinkfree"
+    if ranking.with_boxes:
+        header += "  boxmass  peak"
+    lines = [header]
+    for rank, s in enumerate(ranking.scores[:rows], start=1):
+        line = (
+            f"{rank:>4} {s.layer:>5} {s.head:>4} {s.score:6.3f} {s.concentration:5.2f} {s.consistency:5.2f} "
+            f"{s.variety:5.2f} {s.sink_free:9.2f}"
+        )
+        if ranking.with_boxes:
+            line += f" {s.box_mass:8.2f} {s.peak_on_box:5.2f}"
+        lines.append(line + ("  *" if (s.layer, s.head) in picked else ""))
+    return "\n".join(lines)

@@ -1,0 +1,172 @@
+"""`sdrpn heads` on the toy world, against the recipe's hand rule for label layers.
+
+    python -m sdrpn.toyworld.heads_check export --model toy --n 64 --seed 3000 --out toy-heads-data
+    sdrpn heads --model toy --data toy-heads-data/data.jsonl --queries prompt+answer --max-new-tokens 4 --out heads.json
+    python -m sdrpn.toyworld.heads_check compare --model toy --heads heads.json --n 1000 --seed 5000
+    python -m sdrpn.toyworld.heads_check distill --model toy --heads heads.json --out heads-rpn
+    python -m sdrpn.toyworld.heads_check bench --model toy --rpn heads-rpn/rpn --n 300 --seed 7
+
+`export` writes toy scenes as PNG files and a JSONL with each target's box, so the ranking runs through the same
+command as for any data. `compare` answers fresh scenes once and measures how often the label map (the heads' maps
+averaged alike, sinks zeroed by the paper's norm rule, as labels are made) peaks on the target, and what labels it
+gives (dropped samples, foreground tokens and their share on the target), for the recipe's label layers
+(`label_layers_from_recipe`) and for the heads in the file. `distill` self-distils an RPN from the file's heads with
+everything else as the shipped RPN was made (`sdrpn demo --train-rpn`). `bench` runs SD-RPN (masked upscaling, the
+toy's RoI settings) with that RPN and with the shipped one on the scenes `sdrpn bench toy` uses for the same seed
+and size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from sdrpn.data import Sample
+from sdrpn.files import atomic_write
+from sdrpn.heads import SampleMaps, collect_maps, label_map_peaks_on_box, read_head_list
+from sdrpn.labeling import LabelSettings, make_labels
+from sdrpn.models.base import LayerHeads
+from sdrpn.rpn import load_rpn
+from sdrpn.shipped import shipped_dir
+from sdrpn.toyworld import pipeline, world
+
+
+def toy_samples_with_boxes(samples: list[world.ToySample]) -> list[Sample]:
+    return [replace(s, box=tuple(map(float, t.target_box))) for s, t in zip(pipeline.as_samples(samples), samples)]
+
+
+def export(model: str, n: int, seed: int, out: Path) -> Path:
+    """Scenes as PNGs plus data.jsonl of {id, image, question, answer, box}."""
+    adapter = pipeline.load_toy_model(model)
+    lines = []
+    for index, sample in enumerate(world.make_samples(n, seed, aspects=pipeline.toy_aspects(adapter))):
+        name = f"scene-{index:04d}.png"
+        atomic_write(out / name, lambda file, image=sample.image: image.save(file, format="PNG"))
+        record = {"id": pipeline.toy_reference(sample), "image": name, "question": sample.question}
+        lines.append(json.dumps({**record, "answer": sample.answer, "box": list(sample.target_box)}))
+    return atomic_write(out / "data.jsonl", lambda file: file.write(("\n".join(lines) + "\n").encode()))
+
+
+def hand_rule_heads(model: str, num_heads: int) -> list[tuple[int, int]]:
+    layers = pipeline.label_layers_from_recipe(pipeline.toy_model_dir(model))
+    return [(layer, head) for layer in layers for head in range(num_heads)]
+
+
+def as_pairs(label_heads: LayerHeads, num_heads: int) -> list[tuple[int, int]]:
+    return [(layer, head) for layer, heads in label_heads.items() for head in (heads or range(num_heads))]
+
+
+def compare(model: str, heads_file: Path, n: int, seed: int) -> dict:
+    """Label-map peak on the target: the recipe's label layers against the file's heads, on fresh scenes."""
+    adapter = pipeline.load_toy_model(model)
+    toy = world.make_samples(n, seed, aspects=pipeline.toy_aspects(adapter))
+    settings = pipeline.toy_label_settings(pipeline.toy_model_dir(model))
+    maps, bad = collect_maps(
+        adapter,
+        toy_samples_with_boxes(toy),
+        queries=settings.queries,
+        max_new_tokens=settings.max_new_tokens,
+        batch_size=32,
+        open_image=pipeline.open_toy_image,
+    )
+    qtypes = {pipeline.toy_reference(t): t.qtype for t in toy}
+    fine = [m for m in maps if qtypes[m.sample_id] == "fine"]
+    num_heads = adapter.attention_shape.num_heads
+    chosen = {
+        "recipe rule": hand_rule_heads(model, num_heads),
+        "sdrpn heads": as_pairs(read_head_list(heads_file), num_heads),
+    }
+    return {
+        "model": model,
+        "seed": seed,
+        "scenes": len(maps),
+        "fine_scenes": len(fine),
+        "failed": len(bad),
+        "peak_on_target": {
+            name: {
+                "heads": " ".join(f"{layer}:{head}" for layer, head in pairs),
+                "all": round(label_map_peaks_on_box(maps, pairs), 4),
+                "fine": round(label_map_peaks_on_box(fine, pairs), 4),
+                "labels": label_statistics(maps, pairs, settings),
+            }
+            for name, pairs in chosen.items()
+        },
+    }
+
+
+def label_statistics(maps: list[SampleMaps], heads: list[tuple[int, int]], settings: LabelSettings) -> dict:
+    """The labels these heads give: how many samples are dropped, how many foreground tokens the others have, and
+    which share of those lies on the target's box."""
+    norm_layer = min(layer for layer, _ in heads)
+    foreground, on_box, dropped = [], [], 0
+    for sample in maps:
+        averaged = torch.stack([sample.maps[layer, head] for layer, head in heads]).mean(0)
+        labels = make_labels(averaged, sample.norms[norm_layer], None, settings)
+        if (labels == -1).all():
+            dropped += 1
+            continue
+        is_fg = labels == 1
+        foreground.append(int(is_fg.sum()))
+        on_box.append(float((is_fg & sample.box).sum() / is_fg.sum()))
+    kept = max(len(foreground), 1)
+    return {
+        "dropped": dropped,
+        "mean_foreground_tokens": round(sum(foreground) / kept, 3),
+        "foreground_share_on_box": round(sum(on_box) / kept, 4),
+    }
+
+
+def distill(model: str, heads_file: Path, out: Path, samples: int = 2000):
+    """The shipped RPN's self-distillation (`sdrpn demo --train-rpn`) with the file's label heads, heads alike."""
+    adapter = pipeline.load_toy_model(model)
+    settings = replace(
+        pipeline.toy_label_settings(pipeline.toy_model_dir(model)),
+        label_heads=read_head_list(heads_file),
+        head_weighting="head",
+    )
+    return pipeline.self_distill(adapter, out, samples=samples, label_settings=settings)
+
+
+def bench(model: str, rpn: Path, n: int, seed: int) -> dict:
+    """Accuracy per question type of SD-RPN with the given RPN and with the shipped one, on the same scenes (each
+    printed as soon as it is measured)."""
+    adapter = pipeline.load_toy_model(model)
+    samples = world.make_samples(n, seed, aspects=pipeline.toy_aspects(adapter))
+    runner = {"sdrpn_mask": pipeline.method_runners()["sdrpn_mask"]}
+    result = {"model": model, "seed": seed, "n": n}
+    for name, folder in (("RPN from sdrpn heads", rpn), ("shipped RPN", shipped_dir("rpn", model))):
+        zoom = pipeline.make_zoom(adapter, load_rpn(folder, adapter))
+        runs = pipeline.run_methods(zoom, samples, runner, timing_samples=0)
+        result[name] = pipeline.accuracy_by_type(samples, runs["sdrpn_mask"].answers)
+        print(json.dumps({name: result[name]}), flush=True)
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("step", choices=("export", "compare", "distill", "bench"))
+    parser.add_argument("--model", default="toy", choices=("toy", "toy-qwen"))
+    parser.add_argument("--n", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=3000)
+    parser.add_argument("--heads", type=Path, default=Path("heads.json"))
+    parser.add_argument("--out", type=Path, default=Path("toy-heads-data"))
+    parser.add_argument("--label-samples", type=int, default=2000)
+    parser.add_argument("--rpn", type=Path, default=Path("heads-rpn/rpn"))
+    args = parser.parse_args(argv)
+    if args.step == "export":
+        print(export(args.model, args.n, args.seed, args.out))
+    elif args.step == "compare":
+        print(json.dumps(compare(args.model, args.heads, args.n, args.seed), indent=2))
+    elif args.step == "distill":
+        distill(args.model, args.heads, args.out, args.label_samples)
+        print(args.out / "rpn")
+    else:
+        print(json.dumps(bench(args.model, args.rpn, args.n, args.seed), indent=2))
+
+
+if __name__ == "__main__":
+    main()

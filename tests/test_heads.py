@@ -1,0 +1,167 @@
+"""`sdrpn heads`: per-head maps, scores that find a planted localising head, head lists that labels accept."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from sdrpn.attention import teacher_attention
+from sdrpn.cli import label_heads_option
+from sdrpn.data import Sample, read_samples
+from sdrpn.errors import SdrpnError
+from sdrpn.heads import (
+    SampleMaps,
+    box_tokens,
+    collect_maps,
+    label_map_peaks_on_box,
+    rank_heads,
+    read_head_list,
+    write_ranking,
+)
+from sdrpn.images import load_image
+from sdrpn.labeling import LabelSettings
+from sdrpn.roi import Geometry
+from tests.conftest import QUESTIONS, random_images
+
+
+def _samples(folder: Path, count: int, box=(10.0, 10.0, 40.0, 30.0)) -> list[Sample]:
+    return [Sample(f"s{index}", folder / f"{index}.png", QUESTIONS[index % 3], None, box) for index in range(count)]
+
+
+@pytest.fixture()
+def three_images(tmp_path) -> Path:
+    for index, image in enumerate(random_images(3, seed=5)):
+        image.save(tmp_path / f"{index}.png")
+    return tmp_path
+
+
+def test_every_head_is_ranked_on_each_family(adapter, three_images):
+    maps, bad = collect_maps(adapter, _samples(three_images, 3), max_new_tokens=3, batch_size=2, progress=False)
+    shape = adapter.attention_shape
+    assert bad == [] and len(maps) == 3
+    assert maps[0].maps.shape[:2] == (shape.num_layers, shape.num_heads)
+    assert maps[0].norms.shape[0] == shape.num_layers
+    ranking = rank_heads(maps, top=3)
+    pairs = [(s.layer, s.head) for s in ranking.scores]
+    assert sorted(pairs) == [(layer, head) for layer in range(shape.num_layers) for head in range(shape.num_heads)]
+    assert [s.score for s in ranking.scores] == sorted((s.score for s in ranking.scores), reverse=True)
+    assert all(0 <= s.concentration <= 1 and 0 <= s.sink_free <= 1 and 0 <= s.box_mass <= 1 for s in ranking.scores)
+    picked = [(layer, head) for layer, heads in ranking.label_heads.items() for head in heads]
+    assert 1 <= len(picked) <= 3 and set(picked) <= set(pairs[:3])
+    assert ranking.peak_on_box == label_map_peaks_on_box(maps, pairs[: len(picked)])
+
+
+def test_per_head_maps_average_to_the_label_map(adapter, three_images):
+    """The heads' maps averaged alike are the map labels are made from (same rows, same query steps)."""
+    samples = _samples(three_images, 2)
+    maps, _ = collect_maps(adapter, samples, queries="prompt+answer", max_new_tokens=3, progress=False)
+    chosen = {0: [1, 0], adapter.attention_shape.num_layers - 1: [1]}
+    batch = adapter.prepare([load_image(s.image_path) for s in samples], [[s.question] for s in samples], training=True)
+    teacher = teacher_attention(adapter, batch, chosen, max_new_tokens=3, queries="prompt+answer")
+    for sample_maps, expected in zip(maps, teacher.roi_maps):
+        averaged = torch.stack([sample_maps.maps[layer, head] for layer, heads in chosen.items() for head in heads])
+        torch.testing.assert_close(averaged.mean(0), expected.float(), rtol=1e-4, atol=1e-6)
+
+
+def _planted(count: int = 24, seed: int = 0, boxes: bool = True) -> list[SampleMaps]:
+    """Maps of 3 layers x 4 heads on a 6 x 6 grid: head (1, 2) looks at the box, (0, 3) always at one corner
+    (positional), (2, 0) at a sink token, the rest at noise."""
+    generator = torch.Generator().manual_seed(seed)
+    samples = []
+    for index in range(count):
+        maps = torch.rand(3, 4, 6, 6, generator=generator) + 0.5
+        row, col = torch.randint(0, 5, (2,), generator=generator).tolist()
+        box = torch.zeros(6, 6, dtype=torch.bool)
+        box[row : row + 2, col : col + 2] = True
+        maps[1, 2] = 0.02 + 5.0 * box + 0.3 * torch.rand(6, 6, generator=generator)
+        maps[0, 3] = 0.02
+        maps[0, 3, 5, 5] = 10.0
+        norms = torch.ones(3, 6, 6) + 0.01 * torch.rand(3, 6, 6, generator=generator)
+        sink = (row + 3) % 6, (col + 3) % 6
+        norms[:, sink[0], sink[1]] = 50.0
+        maps[2, 0] = 0.02
+        maps[2, 0, sink[0], sink[1]] = 10.0
+        samples.append(SampleMaps(f"s{index}", maps / maps.sum((-1, -2), keepdim=True), norms, box if boxes else None))
+    return samples
+
+
+@pytest.mark.parametrize("boxes", [True, False])
+def test_the_planted_localising_head_ranks_first(boxes):
+    ranking = rank_heads(_planted(boxes=boxes))
+    best = ranking.scores[0]
+    assert (best.layer, best.head) == (1, 2)
+    by_head = {(s.layer, s.head): s for s in ranking.scores}
+    assert by_head[(2, 0)].sink_free < 0.2  # the sink head's attention is on the sink token
+    assert by_head[(0, 3)].variety < 0.05 < by_head[(1, 2)].variety  # the positional head looks at the same place
+    if boxes:
+        assert ranking.label_heads == {1: [2]} and ranking.peak_on_box == 1.0
+        assert by_head[(1, 2)].peak_on_box == 1.0 and by_head[(0, 3)].peak_on_box < 0.2
+    else:
+        assert ranking.peak_on_box is None and len([h for hs in ranking.label_heads.values() for h in hs]) == 8
+
+
+def test_box_tokens_follow_the_geometry():
+    square = Geometry.identity(70, 70, 7, 7)
+    inside_one = box_tokens((12, 12, 18, 18), square)  # smaller than a token
+    assert inside_one.sum() == 1 and inside_one[1, 1]
+    padded = Geometry.pad_to_square(140, 70, 2, 2)  # a 140 x 140 canvas, the image 35 px down
+    on = box_tokens((0, 0, 60, 30), padded)  # the image's top-left: the canvas's upper-left token
+    assert on.tolist() == [[True, False], [False, False]]
+    with pytest.raises(SdrpnError, match="outside"):
+        box_tokens((200, 0, 300, 10), padded)
+
+
+def test_head_list_round_trip_into_label_settings(adapter, tmp_path):
+    layers = adapter.attention_shape.num_layers
+    ranking = rank_heads(_planted(8))
+    ranking.label_heads = {layers - 1: [0, 2], 0: [1]}
+    json_path, picture = write_ranking(ranking, tmp_path / "out" / "heads.json", "tiny", "answer", 8)
+    assert picture == tmp_path / "out" / "heads.png" and picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert read_head_list(json_path) == {layers - 1: [0, 2], 0: [1]}
+    assert label_heads_option(str(json_path)) == read_head_list(json_path)
+    assert label_heads_option("1:0,2") == {1: [0, 2]}
+    settings = LabelSettings(label_heads=label_heads_option(str(json_path))).resolved(adapter)
+    assert settings.label_heads == {layers - 1: [0, 2], 0: [1]} and settings.norm_layer == 0
+    written = json.loads(json_path.read_text())
+    assert written["samples"] == 8 and len(written["ranking"]) == 12
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "not found"),
+        ("{not json", "not readable JSON"),
+        ('{"label_heads": {}}', 'no "label_heads"'),
+        ('{"label_heads": {"2": "all"}}', 'no "label_heads"'),
+        ('{"label_heads": {"x": [1]}}', 'no "label_heads"'),
+        ("[1, 2]", 'no "label_heads"'),
+    ],
+)
+def test_bad_head_lists_are_one_line_errors(tmp_path, content, message):
+    path = tmp_path / "heads.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(SdrpnError, match=message):
+        read_head_list(path)
+
+
+def test_data_box_field(tmp_path):
+    random_images(1)[0].save(tmp_path / "a.png")
+    lines = [
+        {"image": "a.png", "question": "q one", "box": [1, 2, 30.5, 40]},
+        {"image": "a.png", "question": "q two"},
+        {"image": "a.png", "question": "q three", "box": [5, 5, 5, 9]},
+        {"image": "a.png", "question": "q four", "box": [1, 2, 3]},
+        {"image": "a.png", "question": "q five", "box": ["1", 2, 3, 4]},
+    ]
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(line) for line in lines))
+    report = read_samples(tmp_path / "d.jsonl")
+    assert [s.box for s in report.samples] == [(1.0, 2.0, 30.5, 40.0), None]
+    assert [bad.split(": ", 1)[1] for bad in report.bad] == [
+        "box must satisfy 0 <= x0 < x1 and 0 <= y0 < y1, got [5, 5, 5, 9]",
+        "box must be [x0, y0, x1, y1] in pixels, got [1, 2, 3]",
+        'box must be [x0, y0, x1, y1] in pixels, got ["1", 2, 3, 4]',
+    ]

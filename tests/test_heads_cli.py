@@ -1,0 +1,66 @@
+"""`sdrpn heads` from the command line: a ranked table, heads.json + heat map, and labels made from its heads."""
+
+from __future__ import annotations
+
+import json
+
+from sdrpn.cli import main
+
+
+def _with_boxes(folder, box):
+    lines = [json.loads(line) for line in (folder / "data.jsonl").read_text().splitlines()]
+    (folder / "boxed.jsonl").write_text("\n".join(json.dumps({**line, "box": box}) for line in lines) + "\n")
+    return str(folder / "boxed.jsonl")
+
+
+def test_heads_then_label_with_its_heads(model_dir, image_folder, tmp_path, capsys):
+    out = tmp_path / "ranked" / "heads.json"
+    data = _with_boxes(image_folder, [5, 5, 60, 50])
+    code = main(["heads", "--model", str(model_dir), "--data", data, "--out", str(out), "--max-new-tokens", "3"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "note: ranked on 10 samples, fewer than the 64 asked" in captured.err
+    assert captured.out.splitlines()[0].startswith("rank layer head") and "boxmass" in captured.out
+    written = json.loads(out.read_text())
+    assert written["samples"] == 10 and written["with_boxes"] and (out.parent / "heads.png").is_file()
+    picked = {int(layer): heads for layer, heads in written["label_heads"].items()}
+    top = [(row["layer"], row["head"]) for row in written["ranking"][: sum(map(len, picked.values()))]]
+    assert sorted(top) == sorted((layer, head) for layer, heads in picked.items() for head in heads)
+
+    labels = tmp_path / "labels"
+    label = ["label", "--model", str(model_dir), "--data", data, "--out", str(labels), "--label-heads", str(out)]
+    assert main([*label, "--max-samples", "2", "--max-new-tokens", "3"]) == 0
+    settings = json.loads((labels / "label_settings.json").read_text())["settings"]
+    assert {int(layer): heads for layer, heads in settings["label_heads"].items()} == picked
+
+
+def test_every_sample_failing_is_one_line(model_dir, image_folder, tmp_path, capsys):
+    data = _with_boxes(image_folder, [500, 500, 600, 600])  # outside every 100 x 80 image
+    code = main(
+        ["heads", "--model", str(model_dir), "--data", data, "--out", str(tmp_path / "h.json"), "--samples", "3"]
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err[-1].startswith("sdrpn heads: error: every one of the 3 samples failed") and "outside" in err[-1]
+    assert not (tmp_path / "h.json").exists()
+
+
+def test_no_usable_sample_is_one_line(tmp_path, capsys):
+    (tmp_path / "d.jsonl").write_text(json.dumps({"image": "missing.png", "question": "what ?"}) + "\n")
+    code = main(["heads", "--model", "toy", "--data", str(tmp_path / "d.jsonl"), "--out", str(tmp_path / "h.json")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith("sdrpn heads: error: no usable sample") and "not found" in err[-1]
+
+
+def test_toy_check_exports_boxes_and_compares_with_the_recipe_rule(tmp_path):
+    from sdrpn.data import read_samples
+    from sdrpn.toyworld import heads_check, world
+
+    heads_check.export("toy", 3, 5, tmp_path / "data")
+    samples = read_samples(tmp_path / "data" / "data.jsonl").samples
+    assert [s.box for s in samples] == [tuple(map(float, t.target_box)) for t in world.make_samples(3, 5)]
+    (tmp_path / "heads.json").write_text(json.dumps({"label_heads": {"2": [0, 1, 2, 3]}}))
+    result = heads_check.compare("toy", tmp_path / "heads.json", 4, 5)
+    rule, listed = result["peak_on_target"]["recipe rule"], result["peak_on_target"]["sdrpn heads"]
+    assert rule["heads"] == "2:0 2:1 2:2 2:3" and rule == listed  # the recipe's rule is all heads of layer 2
+    assert result["scenes"] == 4 and 0 <= rule["all"] <= 1
