@@ -284,18 +284,23 @@ class StockLayoutAdapter(FamilyAdapter):
             start = prompt_mask.shape[1] - int(prompt_mask[row].sum())
             source[row, width - count :] = torch.arange(start, start + count, device=source.device)
 
+        offset = int(source[0, 0])
+        in_place = bool((source == torch.arange(offset, offset + width, device=source.device)).all())
+
         def moved(values: torch.Tensor) -> torch.Tensor:  # (B, T, D) or (B, H, T, D) -> columns of the new layout
+            if in_place:  # every row's shared tokens already lie in these columns (no padding moved): a view
+                return values[..., offset : offset + width, :]
             index = source.to(values.device).view(batch.size, *[1] * (values.ndim - 3), width, 1)
             return values.gather(values.ndim - 2, index.expand(*values.shape[:-2], width, values.shape[-1]))
 
-        upper = DynamicCache(config=self.model.config)
+        cache = DynamicCache(config=self.model.config)
         later = list(self.decoder_layers)[prefix.layers :]
-        self._run(moved(prefix.hidden), attention_mask[:, :width], positions[..., :width], later, upper)
-        data = [
-            (moved(low.keys), moved(low.values)) if index < prefix.layers else (high.keys, high.values)
-            for index, (low, high) in enumerate(zip(prefix.cache.layers, upper.layers))
-        ]
-        return DynamicCache(ddp_cache_data=data, config=self.model.config)
+        self._run(moved(prefix.hidden), attention_mask[:, :width], positions[..., :width], later, cache)
+        # stage 1's layers join after the run (the run reads the cache's length from layer 0), without a second copy
+        # of the layers just computed
+        for stage1, layer in zip(prefix.cache.layers[: prefix.layers], cache.layers):
+            layer.update(moved(stage1.keys), moved(stage1.values))
+        return cache
 
     def decode(self, token_ids: torch.Tensor) -> list[str]:
         return [text.strip() for text in self.tokenizer.batch_decode(token_ids, skip_special_tokens=True)]
