@@ -82,6 +82,18 @@ def test_reused_prefix_gives_the_logits_of_the_whole_prompt(adapter, upscale):
     assert torch.equal(reused_ids, ids)
 
 
+@pytest.mark.parametrize("upscale", ["mask", None])
+def test_reused_prefix_of_one_unpadded_row_gives_the_logits_of_the_whole_prompt(adapter, upscale):
+    """One sample: no row moves, so stage 1's keys/values enter stage 2's cache as they are (views)."""
+    images = _images()[2:]
+    batch = adapter.prepare(images, QUESTIONS[2:])
+    crops = _crops(adapter, [images[0]] * 3, upscale)[2:] if upscale else [[]]
+    ids, recomputed = _decode(adapter, batch, crops, reuse=False)
+    reused_ids, reused = _decode(adapter, batch, crops, reuse=True)
+    _assert_same_logits(reused, recomputed)
+    assert torch.equal(reused_ids, ids)
+
+
 def test_reused_prefix_without_any_region_runs_only_the_later_layers(adapter):
     images = _images()
     batch = adapter.prepare(images, QUESTIONS)
