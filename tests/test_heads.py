@@ -165,3 +165,21 @@ def test_data_box_field(tmp_path):
         "box must be [x0, y0, x1, y1] in pixels, got [1, 2, 3]",
         'box must be [x0, y0, x1, y1] in pixels, got ["1", 2, 3, 4]',
     ]
+
+
+def test_label_heads_come_from_the_middle_band_up():
+    """A layer-0 head that matches the box best is ranked first but not picked: the first quarter of the layers is
+    left out by default (their maps follow the answer token, which the RPN does not see)."""
+    samples = []
+    for sample in _planted():
+        maps = torch.cat([sample.maps, sample.maps[:1]])  # 4 layers: the middle band starts at layer 1
+        maps[0, 1] = sample.box.float() + 1e-3
+        maps[3] = sample.maps[2]
+        norms = torch.cat([sample.norms, sample.norms[:1]])
+        samples.append(SampleMaps(sample.sample_id, maps / maps.sum((-1, -2), keepdim=True), norms, sample.box))
+    ranking = rank_heads(samples)
+    assert (ranking.scores[0].layer, ranking.scores[0].head) == (0, 1)
+    assert ranking.label_heads == {1: [2]} and ranking.peak_on_box == 1.0
+    assert rank_heads(samples, min_layer=0).label_heads == {0: [1]}
+    with pytest.raises(SdrpnError, match="lowest label layer"):
+        rank_heads(samples, min_layer=4)
