@@ -14,14 +14,14 @@ over them as labels are) is kept per sample, and scored:
 - with target boxes: box mass (the share of the sink-free map inside the box) and peak on box.
 
 The score is box mass x sink-free when every sample has a box, else concentration x consistency x variety x
-sink-free. Every head is ranked, but label heads are picked only from layer `min_layer` up (default: the first
-layer of the middle band, L // 4): in the first layers a query holds little more than its own token, so an answer
-token's attention finds the image tokens that look like the answer. Such a head can peak on the target more often
-than any other, yet its map follows the answer, which the RPN never sees (it predicts from the question's last
-token, above the frozen layers), so an RPN distilled from it learns less. The heads picked: with boxes, the prefix
-of the eligible ranking (at most `top` heads) whose mean map, made as labels are made (heads averaged alike, sinks
-removed by the norms entering the first picked layer), puts its peak on the box most often (among equals, the one
-whose map holds the most inside the box); without boxes, the `top` best.
+sink-free. Every head is ranked, but label heads are picked only from layer `min_layer` up (default: L // 4,
+where the middle band of the default label layers starts): how often a head's map peaks on the box does not tell
+how well an RPN distils from it. On the LLaVA toy a layer-0 head peaked on the target more often than any head of
+the middle band (even from the question's last token alone), yet the RPN distilled from it read about 10 points
+fewer fine questions than one distilled from the middle band (docs/benchmarks.md). The heads picked: with boxes,
+the prefix of the eligible ranking (at most `top` heads) whose mean map, made as labels are made (heads averaged
+alike, sinks removed by the norms entering the first picked layer), puts its peak on the box most often (among
+equals, the one whose map holds the most inside the box); without boxes, the `top` best.
 """
 
 from __future__ import annotations
