@@ -167,19 +167,19 @@ def test_data_box_field(tmp_path):
     ]
 
 
-def test_label_heads_come_from_the_middle_band_up():
-    """A layer-0 head that matches the box best is ranked first but not picked: the first quarter of the layers is
-    left out by default (their maps follow the answer token, which the RPN does not see)."""
+def test_min_layer_leaves_lower_heads_out_of_the_pick():
+    """A layer-0 head that matches the box best is ranked first and picked, unless `min_layer` leaves layer 0 out;
+    it stays in the ranking either way."""
     samples = []
     for sample in _planted():
-        maps = torch.cat([sample.maps, sample.maps[:1]])  # 4 layers: the middle band starts at layer 1
+        maps = torch.cat([sample.maps, sample.maps[:1]])  # 4 layers
         maps[0, 1] = sample.box.float() + 1e-3
         maps[3] = sample.maps[2]
         norms = torch.cat([sample.norms, sample.norms[:1]])
         samples.append(SampleMaps(sample.sample_id, maps / maps.sum((-1, -2), keepdim=True), norms, sample.box))
-    ranking = rank_heads(samples)
+    assert rank_heads(samples).label_heads == {0: [1]}
+    ranking = rank_heads(samples, min_layer=1)
     assert (ranking.scores[0].layer, ranking.scores[0].head) == (0, 1)
-    assert ranking.label_heads == {1: [2]} and ranking.peak_on_box == 1.0
-    assert rank_heads(samples, min_layer=0).label_heads == {0: [1]}
+    assert ranking.label_heads == {1: [2]} and ranking.peak_on_box == 1.0 and ranking.min_layer == 1
     with pytest.raises(SdrpnError, match="lowest label layer"):
         rank_heads(samples, min_layer=4)

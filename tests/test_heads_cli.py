@@ -25,8 +25,8 @@ def test_heads_then_label_with_its_heads(model_dir, image_folder, tmp_path, caps
     assert written["samples"] == 10 and written["with_boxes"] and (out.parent / "heads.png").is_file()
     picked = {int(layer): heads for layer, heads in written["label_heads"].items()}
     eligible = [(row["layer"], row["head"]) for row in written["ranking"] if row["layer"] >= written["min_layer"]]
-    top = eligible[: sum(map(len, picked.values()))]  # the best heads from the middle band up
-    assert written["min_layer"] == written["layers"] // 4
+    top = eligible[: sum(map(len, picked.values()))]
+    assert written["min_layer"] == 0
     assert sorted(top) == sorted((layer, head) for layer, heads in picked.items() for head in heads)
 
     labels = tmp_path / "labels"

@@ -229,8 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     heads.add_argument("--seed", type=int, default=0)
     heads.add_argument("--out", default="heads.json", help="head list for --label-heads (a heat map PNG beside it)")
     heads.add_argument("--top", type=positive_int, default=8, help="most heads to pick")
-    min_layer_help = "lowest layer heads are picked from (default: L // 4, where the middle band starts)"
-    heads.add_argument("--min-layer", type=int, default=None, help=min_layer_help)
+    heads.add_argument("--min-layer", type=int, default=0, help="lowest layer heads are picked from")
     heads.add_argument(
         "--queries",
         choices=("answer", "prompt+answer"),

@@ -14,11 +14,9 @@ over them as labels are) is kept per sample, and scored:
 - with target boxes: box mass (the share of the sink-free map inside the box) and peak on box.
 
 The score is box mass x sink-free when every sample has a box, else concentration x consistency x variety x
-sink-free. Every head is ranked, but label heads are picked only from layer `min_layer` up (default: L // 4,
-where the middle band of the default label layers starts): how often a head's map peaks on the box does not tell
-how well an RPN distils from it. On the LLaVA toy a layer-0 head peaked on the target more often than any head of
-the middle band (even from the question's last token alone), yet the RPN distilled from it read about 10 points
-fewer fine questions than one distilled from the middle band (docs/benchmarks.md). The heads picked: with boxes,
+sink-free. Every head is ranked; `min_layer` leaves the heads of lower layers out of the pick (how often a head's
+map peaks on the box does not tell how well an RPN distils from it, and no layer rule has yet been shown to fix
+that: docs/benchmarks.md). The heads picked: with boxes,
 the prefix of the eligible ranking (at most `top` heads) whose mean map, made as labels are made (heads averaged
 alike, sinks removed by the norms entering the first picked layer), puts its peak on the box most often (among
 equals, the one whose map holds the most inside the box); without boxes, the `top` best.
@@ -223,18 +221,12 @@ def label_map_peaks_on_box(samples: list[SampleMaps], heads: list[tuple[int, int
     return label_map_on_box(samples, heads)[0]
 
 
-def first_label_layer(num_layers: int) -> int:
-    """The lowest layer label heads are picked from by default: where the middle band starts (`middle_band`)."""
-    return num_layers // 4
-
-
-def rank_heads(samples: list[SampleMaps], top: int = 8, min_layer: int | None = None) -> HeadRanking:
+def rank_heads(samples: list[SampleMaps], top: int = 8, min_layer: int = 0) -> HeadRanking:
     """Score every head over the answered samples (see the module docstring) and pick the label heads from layer
-    `min_layer` up (None: `first_label_layer`)."""
+    `min_layer` up."""
     if not samples:
         raise SdrpnError("no sample could be used to rank heads")
     num_layers = samples[0].maps.shape[0]
-    min_layer = first_label_layer(num_layers) if min_layer is None else min_layer
     if not 0 <= min_layer < num_layers:
         raise SdrpnError(f"the lowest label layer must be in 0..{num_layers - 1} for this model, got {min_layer}")
     stats = [_per_sample_stats(s) for s in samples]
