@@ -165,3 +165,21 @@ def test_data_box_field(tmp_path):
         "box must be [x0, y0, x1, y1] in pixels, got [1, 2, 3]",
         'box must be [x0, y0, x1, y1] in pixels, got ["1", 2, 3, 4]',
     ]
+
+
+def test_min_layer_leaves_lower_heads_out_of_the_pick():
+    """A layer-0 head that matches the box best is ranked first and picked, unless `min_layer` leaves layer 0 out;
+    it stays in the ranking either way."""
+    samples = []
+    for sample in _planted():
+        maps = torch.cat([sample.maps, sample.maps[:1]])  # 4 layers
+        maps[0, 1] = sample.box.float() + 1e-3
+        maps[3] = sample.maps[2]
+        norms = torch.cat([sample.norms, sample.norms[:1]])
+        samples.append(SampleMaps(sample.sample_id, maps / maps.sum((-1, -2), keepdim=True), norms, sample.box))
+    assert rank_heads(samples).label_heads == {0: [1]}
+    ranking = rank_heads(samples, min_layer=1)
+    assert (ranking.scores[0].layer, ranking.scores[0].head) == (0, 1)
+    assert ranking.label_heads == {1: [2]} and ranking.peak_on_box == 1.0 and ranking.min_layer == 1
+    with pytest.raises(SdrpnError, match="lowest label layer"):
+        rank_heads(samples, min_layer=4)

@@ -24,7 +24,9 @@ def test_heads_then_label_with_its_heads(model_dir, image_folder, tmp_path, caps
     written = json.loads(out.read_text())
     assert written["samples"] == 10 and written["with_boxes"] and (out.parent / "heads.png").is_file()
     picked = {int(layer): heads for layer, heads in written["label_heads"].items()}
-    top = [(row["layer"], row["head"]) for row in written["ranking"][: sum(map(len, picked.values()))]]
+    eligible = [(row["layer"], row["head"]) for row in written["ranking"] if row["layer"] >= written["min_layer"]]
+    top = eligible[: sum(map(len, picked.values()))]
+    assert written["min_layer"] == 0
     assert sorted(top) == sorted((layer, head) for layer, heads in picked.items() for head in heads)
 
     labels = tmp_path / "labels"
@@ -60,7 +62,11 @@ def test_toy_check_exports_boxes_and_compares_with_the_recipe_rule(tmp_path):
     samples = read_samples(tmp_path / "data" / "data.jsonl").samples
     assert [s.box for s in samples] == [tuple(map(float, t.target_box)) for t in world.make_samples(3, 5)]
     (tmp_path / "heads.json").write_text(json.dumps({"label_heads": {"2": [0, 1, 2, 3]}}))
-    result = heads_check.compare("toy", tmp_path / "heads.json", 4, 5)
+    result = heads_check.compare("toy", [tmp_path / "heads.json"], 4, 5)
     rule, listed = result["peak_on_target"]["recipe rule"], result["peak_on_target"]["sdrpn heads"]
     assert rule["heads"] == "2:0 2:1 2:2 2:3" and rule == listed  # the recipe's rule is all heads of layer 2
     assert result["scenes"] == 4 and 0 <= rule["all"] <= 1
+    (tmp_path / "one.json").write_text(json.dumps({"label_heads": {"0": [1]}}))
+    two = heads_check.compare("toy", [tmp_path / "heads.json", tmp_path / "one.json"], 4, 5, prompt_row=True)
+    assert two["queries"] == "prompt row" and two["peak_on_target"][str(tmp_path / "one.json")]["heads"] == "0:1"
+    assert two["peak_on_target"]["recipe rule"]["labels_fine"]["dropped"] <= two["fine_scenes"]

@@ -229,6 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     heads.add_argument("--seed", type=int, default=0)
     heads.add_argument("--out", default="heads.json", help="head list for --label-heads (a heat map PNG beside it)")
     heads.add_argument("--top", type=positive_int, default=8, help="most heads to pick")
+    heads.add_argument("--min-layer", type=int, default=0, help="lowest layer heads are picked from")
     heads.add_argument(
         "--queries",
         choices=("answer", "prompt+answer"),
@@ -397,7 +398,7 @@ def cmd_heads(args) -> int:
         raise SdrpnError(f"every one of the {len(samples)} samples failed (first: {bad[0]})")
     if len(maps) < args.samples:
         print(f"note: ranked on {len(maps)} samples, fewer than the {args.samples} asked", file=sys.stderr)
-    ranking = rank_heads(maps, top=args.top)
+    ranking = rank_heads(maps, top=args.top, min_layer=args.min_layer)
     model = shipped_name(adapter.name_or_path) or adapter.name_or_path  # 'toy', not this machine's install path
     json_path, picture = write_ranking(ranking, args.out, model, queries, args.samples)
     print(format_table(ranking, args.show))

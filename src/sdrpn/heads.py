@@ -14,10 +14,12 @@ over them as labels are) is kept per sample, and scored:
 - with target boxes: box mass (the share of the sink-free map inside the box) and peak on box.
 
 The score is box mass x sink-free when every sample has a box, else concentration x consistency x variety x
-sink-free. The heads picked: with boxes, the prefix of the ranking (at most `top` heads) whose mean map, made as
-labels are made (heads averaged alike, sinks removed by the norms entering the first picked layer), puts its peak
-on the box most often (among equals, the one whose map holds the most inside the box); without boxes, the `top`
-best.
+sink-free. Every head is ranked; `min_layer` leaves the heads of lower layers out of the pick (how often a head's
+map peaks on the box does not tell how well an RPN distils from it, and no layer rule has yet been shown to fix
+that: docs/benchmarks.md). The heads picked: with boxes,
+the prefix of the eligible ranking (at most `top` heads) whose mean map, made as labels are made (heads averaged
+alike, sinks removed by the norms entering the first picked layer), puts its peak on the box most often (among
+equals, the one whose map holds the most inside the box); without boxes, the `top` best.
 """
 
 from __future__ import annotations
@@ -79,6 +81,7 @@ class HeadRanking:
     with_boxes: bool
     peak_on_box: float | None  # how often the picked heads' label map peaks on the box (sample with boxes)
     grid: tuple[int, int]  # (layers, heads)
+    min_layer: int = 0  # the lowest layer heads were picked from
 
 
 def box_tokens(box: tuple[float, float, float, float], geometry: Geometry) -> torch.Tensor:
@@ -218,10 +221,14 @@ def label_map_peaks_on_box(samples: list[SampleMaps], heads: list[tuple[int, int
     return label_map_on_box(samples, heads)[0]
 
 
-def rank_heads(samples: list[SampleMaps], top: int = 8) -> HeadRanking:
-    """Score every head over the answered samples (see the module docstring) and pick the label heads."""
+def rank_heads(samples: list[SampleMaps], top: int = 8, min_layer: int = 0) -> HeadRanking:
+    """Score every head over the answered samples (see the module docstring) and pick the label heads from layer
+    `min_layer` up."""
     if not samples:
         raise SdrpnError("no sample could be used to rank heads")
+    num_layers = samples[0].maps.shape[0]
+    if not 0 <= min_layer < num_layers:
+        raise SdrpnError(f"the lowest label layer must be in 0..{num_layers - 1} for this model, got {min_layer}")
     stats = [_per_sample_stats(s) for s in samples]
     grids = [tuple(s.maps.shape[2:]) for s in samples]
     concentration = torch.stack([s["concentration"] for s in stats])  # (S, L, H)
@@ -256,11 +263,12 @@ def rank_heads(samples: list[SampleMaps], top: int = 8) -> HeadRanking:
     ]
     order = sorted(range(len(scores)), key=lambda i: (-float(score.flatten()[i]), -scores[i].concentration, i))
     ranked = [scores[i] for i in order]
-    picked, rate = _pick(samples, ranked, top, with_boxes)
+    eligible = [s for s in ranked if s.layer >= min_layer]
+    picked, rate = _pick(samples, eligible, top, with_boxes)
     label_heads: LayerHeads = {}
     for layer, head in sorted(picked):
         label_heads.setdefault(layer, []).append(head)
-    return HeadRanking(ranked, label_heads, len(samples), with_boxes, rate, (layers, heads))
+    return HeadRanking(ranked, label_heads, len(samples), with_boxes, rate, (layers, heads), min_layer)
 
 
 def _pick(
@@ -289,6 +297,7 @@ def ranking_json(ranking: HeadRanking, model: str, queries: str, asked: int) -> 
         "peak_on_box": ranking.peak_on_box,
         "layers": ranking.grid[0],
         "heads_per_layer": ranking.grid[1],
+        "min_layer": ranking.min_layer,
         "ranking": [asdict(score) for score in ranking.scores],
     }
 

@@ -60,29 +60,31 @@ def as_pairs(label_heads: LayerHeads, num_heads: int) -> list[tuple[int, int]]:
     return [(layer, head) for layer, heads in label_heads.items() for head in (heads or range(num_heads))]
 
 
-def compare(model: str, heads_file: Path, n: int, seed: int) -> dict:
-    """Label-map peak on the target: the recipe's label layers against the file's heads, on fresh scenes."""
+def compare(model: str, heads_files: list[Path], n: int, seed: int, prompt_row: bool = False) -> dict:
+    """Label-map peak on the target: the recipe's label layers against each file's heads, on fresh scenes.
+    `prompt_row`: the maps of the question's last token alone (the prefill row, no answer token), the position the
+    RPN predicts from."""
     adapter = pipeline.load_toy_model(model)
     toy = world.make_samples(n, seed, aspects=pipeline.toy_aspects(adapter))
     settings = pipeline.toy_label_settings(pipeline.toy_model_dir(model))
     maps, bad = collect_maps(
         adapter,
         toy_samples_with_boxes(toy),
-        queries=settings.queries,
-        max_new_tokens=settings.max_new_tokens,
+        queries="prompt+answer" if prompt_row else settings.queries,
+        max_new_tokens=1 if prompt_row else settings.max_new_tokens,
         batch_size=32,
         open_image=pipeline.open_toy_image,
     )
     qtypes = {pipeline.toy_reference(t): t.qtype for t in toy}
     fine = [m for m in maps if qtypes[m.sample_id] == "fine"]
     num_heads = adapter.attention_shape.num_heads
-    chosen = {
-        "recipe rule": hand_rule_heads(model, num_heads),
-        "sdrpn heads": as_pairs(read_head_list(heads_file), num_heads),
-    }
+    chosen = {"recipe rule": hand_rule_heads(model, num_heads)}
+    for path in heads_files:
+        chosen["sdrpn heads" if len(heads_files) == 1 else str(path)] = as_pairs(read_head_list(path), num_heads)
     return {
         "model": model,
         "seed": seed,
+        "queries": "prompt row" if prompt_row else settings.queries,
         "scenes": len(maps),
         "fine_scenes": len(fine),
         "failed": len(bad),
@@ -92,6 +94,7 @@ def compare(model: str, heads_file: Path, n: int, seed: int) -> dict:
                 "all": round(label_map_peaks_on_box(maps, pairs), 4),
                 "fine": round(label_map_peaks_on_box(fine, pairs), 4),
                 "labels": label_statistics(maps, pairs, settings),
+                "labels_fine": label_statistics(fine, pairs, settings),
             }
             for name, pairs in chosen.items()
         },
@@ -152,7 +155,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default="toy", choices=("toy", "toy-qwen"))
     parser.add_argument("--n", type=int, default=64)
     parser.add_argument("--seed", type=int, default=3000)
-    parser.add_argument("--heads", type=Path, default=Path("heads.json"))
+    parser.add_argument("--heads", type=Path, nargs="+", default=[Path("heads.json")])
+    parser.add_argument("--prompt-row", action="store_true", help="compare the maps of the question's last token")
     parser.add_argument("--out", type=Path, default=Path("toy-heads-data"))
     parser.add_argument("--label-samples", type=int, default=2000)
     parser.add_argument("--rpn", type=Path, default=Path("heads-rpn/rpn"))
@@ -160,9 +164,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.step == "export":
         print(export(args.model, args.n, args.seed, args.out))
     elif args.step == "compare":
-        print(json.dumps(compare(args.model, args.heads, args.n, args.seed), indent=2))
+        print(json.dumps(compare(args.model, args.heads, args.n, args.seed, args.prompt_row), indent=2))
     elif args.step == "distill":
-        distill(args.model, args.heads, args.out, args.label_samples)
+        distill(args.model, args.heads[0], args.out, args.label_samples)
         print(args.out / "rpn")
     else:
         print(json.dumps(bench(args.model, args.rpn, args.n, args.seed), indent=2))
