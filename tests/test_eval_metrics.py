@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sdrpn.evaluation import metrics
+from sdrpn import metrics
 
 
 class TestVqaAccuracy:

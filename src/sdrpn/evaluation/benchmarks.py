@@ -13,8 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from sdrpn import metrics
 from sdrpn.errors import SdrpnError
-from sdrpn.evaluation import metrics
 from sdrpn.evaluation.readers import (
     SHORT_ANSWER,
     BadRecord,
