@@ -24,16 +24,10 @@ from sdrpn.attention import teacher_attention
 from sdrpn.errors import SdrpnError
 from sdrpn.infer import GENERIC_PROMPT, VICROP_SUFFIX, InferSettings, Zoom, _max_normalised, _with_suffix
 from sdrpn.models import FamilyAdapter, PromptBatch, check_device, load_model, wrap_model
-from sdrpn.models.shapes import SHAPES, build_shape_model
+from sdrpn.models.shapes import SHAPES, build_shape_model, stand_in_defaults
 from sdrpn.roi import RoiSettings
 from sdrpn.rpn import RegionProposalNetwork, load_rpn
 from sdrpn.shipped import SHIPPED, resolve
-
-# What the shape models stand for: the 7B checkpoints' B, ViCrop layer and label heads (raw attention's).
-SHAPE_SETTINGS = {
-    "llava7b-shape": {"frozen_layers": 15, "vicrop_layer": 14, "label_heads": {14: [24, 13, 26]}},
-    "qwen7b-shape": {"frozen_layers": 16, "vicrop_layer": 16, "label_heads": {16: [1, 7, 17], 19: [17, 20]}},
-}
 
 
 @dataclass(frozen=True)
@@ -156,14 +150,15 @@ def load_for_speed(model: str, rpn: str | None, device: str | None, seed: int = 
         adapter = wrap_model(*build_shape_model(model, seed=seed), model)
         if device:
             adapter.model.to(device)
-        shape = SHAPE_SETTINGS[model]
+        released = stand_in_defaults(model)  # the 7B checkpoint's B, R and label heads (ViCrop's layer: the first)
         if rpn is None:
             torch.manual_seed(seed)
-            network = RegionProposalNetwork(adapter, shape["frozen_layers"], 3)
-            network.config.label_settings = {"label_heads": shape["label_heads"]}
+            network = RegionProposalNetwork(adapter, released.frozen_layers, released.rpn_layers)
+            network.config.label_settings = {"label_heads": released.label_heads}
         else:
             network = load_rpn(rpn, adapter, allow_other_base=True)
-        return adapter, network.to(adapter.device).eval(), {"vicrop_layer": shape["vicrop_layer"]}, rpn is None
+        overrides = {"vicrop_layer": min(released.label_heads)}
+        return adapter, network.to(adapter.device).eval(), overrides, rpn is None
     if rpn is None and model not in SHIPPED:
         raise SdrpnError("--rpn is needed for a model that is neither a shipped toy nor a *-shape model")
     adapter = load_model(resolve(model, "mllm"), device=device)

@@ -18,6 +18,7 @@ from sdrpn.models.tiny import TinyLlavaSpec, TinyQwenSpec, build_tiny_llava, bui
 class ModelShape:
     name: str
     description: str  # what is the checkpoint's and what is reduced (docs/benchmarks.md prints it)
+    checkpoint: str  # the real checkpoint it stands for, whose released settings (B, label heads) it takes
 
 
 # LLaVA-1.5-7B: Vicuna-7B (32 layers, 32 heads, hidden 4096, MLP 11008) after CLIP ViT-L/14 at 336 px (24 layers,
@@ -60,11 +61,13 @@ SHAPES = {
         "llava7b-shape",
         "LLaVA-1.5-7B's depth and heads (32 x 32, MHA), 576 visual tokens (CLIP 24 layers, 336 px, patch 14); "
         "text hidden 512 (head 16), MLP 1376; vision hidden 128",
+        "llava-hf/llava-1.5-7b-hf",
     ),
     "qwen7b-shape": ModelShape(
         "qwen7b-shape",
         "Qwen2.5-VL-7B's depth and heads (28 layers, 28 heads, 4 KV heads), 576 visual tokens (672 px square; "
         "vision 32 blocks, window 112 px); text hidden 448 (head 16), MLP 2368; vision hidden 128",
+        "Qwen/Qwen2.5-VL-7B-Instruct",
     ),
 }
 
@@ -80,3 +83,15 @@ def build_shape_model(name: str, seed: int = 0):
         return build_tiny_llava(spec, seed=seed)
     spec = TinyQwenSpec(**{**QWEN_7B_SHAPE.__dict__, "words": list(WORDS)})
     return build_tiny_qwen(spec, seed=seed)
+
+
+def stand_in_defaults(name: str):
+    """The released settings of the checkpoint a shape stands for (its width differs, so the config does not
+    match the checkpoint's signature and the adapter would otherwise give generic defaults)."""
+    from sdrpn.models.llava import LLAVA_CHECKPOINTS
+    from sdrpn.models.qwen2_5_vl import QWEN_CHECKPOINTS
+
+    if name not in SHAPES:
+        raise SdrpnError(f"unknown model shape {name!r}; known: {', '.join(SHAPES)}")
+    known = {checkpoint.name: checkpoint.defaults for checkpoint in (*LLAVA_CHECKPOINTS, *QWEN_CHECKPOINTS)}
+    return known[SHAPES[name].checkpoint]
