@@ -102,6 +102,7 @@ class ZoomResult:
     roi_map: np.ndarray | None
     extra_tokens: int
     timings: dict[str, float]
+    pruned_tokens: int = 0  # the image's own tokens stage 2 dropped (high-resolution pruning)
     geometry: Geometry | None = None  # how roi_map lies on the image (for overlays)
     input_size: tuple[int, int] | None = None  # (width, height) px the vision tower saw (resolution budgets resize)
     warnings: list[str] = field(default_factory=list)  # e.g. a multi-frame image of which one frame was read
@@ -116,6 +117,7 @@ class ZoomResult:
             "grid": grid,
             "input_size": None if self.input_size is None else list(self.input_size),
             "extra_tokens": self.extra_tokens,
+            "pruned_tokens": self.pruned_tokens,
             "warnings": list(self.warnings),
             "timings": {k: round(v, 6) for k, v in self.timings.items()},
         }
@@ -326,6 +328,7 @@ class Zoom:
                 boxes=p.boxes if p is not None else [],
                 roi_map=p.probability if p is not None else None,
                 extra_tokens=sum(c.kept for c in sample_crops),
+                pruned_tokens=_pruned(batch, index) if sample_crops else 0,
                 timings={
                     "roi": roi_done - started,
                     "encode_crops": seconds,
@@ -337,8 +340,8 @@ class Zoom:
                 input_size=self.adapter.input_size(geometry),
                 warnings=[image.info[FRAMES_WARNING]] if FRAMES_WARNING in image.info else [],
             )
-            for answer, p, sample_crops, seconds, geometry, image in zip(
-                answers, predictions, crops, encode_seconds, batch.geometries, batch.images
+            for index, (answer, p, sample_crops, seconds, geometry, image) in enumerate(
+                zip(answers, predictions, crops, encode_seconds, batch.geometries, batch.images)
             )
         ]
 
@@ -402,8 +405,15 @@ def _no_maps(zoom: Zoom, batch: PromptBatch) -> None:
 def _rpn_maps(zoom: Zoom, batch: PromptBatch) -> list[np.ndarray]:
     """The RPN's map for the last user turn of each sample, on the sample's grid."""
     prefix = zoom.adapter.prefix_state(batch, zoom.rpn.frozen_layers)  # kept on the batch for stage 2
-    logits, _ = zoom.rpn(batch, prefix=prefix.hidden)
-    last = logits[torch.arange(batch.size), [len(q) - 1 for q in batch.query_positions]]
+    hidden = zoom.rpn.trunk(batch, prefix.hidden)
+    last = zoom.rpn.logits_at(hidden, batch, torch.tensor([[q[-1]] for q in batch.query_positions]))[:, 0]
+    roi = zoom.settings.roi
+    if roi.prune_above and max(batch.visual_counts) > roi.prune_above:  # the released high-resolution pruning
+        scores = zoom.rpn.question_scores(hidden, batch)
+        batch.visual_keep = [
+            score > roi.prune_score if count > roi.prune_above else None
+            for score, count in zip(scores, batch.visual_counts)
+        ]
     return [probability_grid(grid.cpu().numpy(), *grid.shape) for grid in batch.per_sample(last)]
 
 
@@ -454,6 +464,11 @@ register_method(Method("given-boxes", _no_maps, upscale="box", askable=False))  
 def askable_methods() -> tuple[str, ...]:
     """What `ask` and `--method` offer."""
     return tuple(name for name, method in METHODS.items() if method.askable)
+
+
+def _pruned(batch: PromptBatch, index: int) -> int:
+    keep = batch.visual_keep[index] if batch.visual_keep is not None else None
+    return 0 if keep is None else int((~keep).sum())
 
 
 def _as_list(items, what: str) -> list:

@@ -196,6 +196,11 @@ class RoiSettings:
     crop_rule: str = "sdrpn"  # stage 2: "sdrpn" (padded crops, component masks) or "released" (see Zoom.crop_tokens)
     components: bool = True  # False: no components, one region around every cell above tau (released Qwen2.5-VL)
     zero_corner_above: int = 0  # > 0: on grids of more tokens, zero the released top-left strip (Qwen2.5-VL: 768)
+    # > 0: when a crop is made for an image of more visual tokens than this, stage 2 drops the image's own tokens
+    # whose question score (the RPN head's sigmoid(max over the tokens after the image of q.k)) is <= prune_score
+    # (the released Qwen2.5-VL code: 1024 and 0.01)
+    prune_above: int = 0
+    prune_score: float = 0.01
 
     @classmethod
     def released(cls, tau: float = 0.15) -> RoiSettings:
@@ -209,8 +214,18 @@ class RoiSettings:
     def released_qwen(cls, tau: float = 0.1) -> RoiSettings:
         """The released Qwen2.5-VL rule (`qwen_src/mm_utils.py`): on grids of more than 768 tokens the top-left
         strip is zeroed (first quarter of column 0 and of row 0), blur, `> tau`, no components: one crop around
-        every cell above tau, its tokens kept where the mask resized bilinearly is above 0.5."""
-        return cls(tau=tau, max_side_frac=1.0, crop_rule="released", components=False, zero_corner_above=768)
+        every cell above tau, its tokens kept where the mask resized bilinearly is above 0.5; and when a crop is
+        made for an image of more than 1024 visual tokens, the image's own tokens that no token of the question
+        looks at (question score <= 0.01) are dropped from stage 2."""
+        return cls(
+            tau=tau,
+            max_side_frac=1.0,
+            crop_rule="released",
+            components=False,
+            zero_corner_above=768,
+            prune_above=1024,
+            prune_score=0.01,
+        )
 
     def __post_init__(self) -> None:
         tau = self._real("tau")
@@ -251,6 +266,12 @@ class RoiSettings:
         corner = self._integer("zero_corner_above")
         if corner is None or corner < 0:
             raise SdrpnError(f"zero_corner_above must be an integer >= 0, got {self.zero_corner_above!r}")
+        prune_above = self._integer("prune_above")
+        if prune_above is None or prune_above < 0:
+            raise SdrpnError(f"prune_above must be an integer >= 0 (0 = never prune), got {self.prune_above!r}")
+        prune_score = self._real("prune_score")
+        if prune_score is None or not 0 <= prune_score < 1:
+            raise SdrpnError(f"prune_score must be in [0, 1), got {self.prune_score!r}")
 
     def _integer(self, name: str) -> int | None:
         """The field as an int (stored back as a Python int if it was e.g. 3.0 or a numpy int), or None."""

@@ -122,26 +122,45 @@ class RegionProposalNetwork(nn.Module):
 
     def forward(self, batch: PromptBatch, prefix: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """RoI logits (B, Q, N_v) for every user turn's last token, and a (B, Q) mask of real turns."""
-        hidden = self.frozen_prefix(batch) if prefix is None else prefix
-        hidden = self.adapter.run_layers(hidden.to(self.q_proj.weight.dtype), batch, list(self.blocks))
         turns = max(len(q) for q in batch.query_positions)
-        query_index = torch.tensor(
-            [q + [q[-1]] * (turns - len(q)) for q in batch.query_positions], device=hidden.device
-        )
+        query_index = torch.tensor([q + [q[-1]] * (turns - len(q)) for q in batch.query_positions])
         query_mask = torch.tensor([[i < len(q) for i in range(turns)] for q in batch.query_positions])
+        return self.logits_at(self.trunk(batch, prefix), batch, query_index), query_mask
+
+    def trunk(self, batch: PromptBatch, prefix: torch.Tensor | None = None) -> torch.Tensor:
+        """Hidden states (B, T, D) after the R - 1 whole RPN layers: what the head reads its queries and keys from."""
+        hidden = self.frozen_prefix(batch) if prefix is None else prefix
+        return self.adapter.run_layers(hidden.to(self.q_proj.weight.dtype), batch, list(self.blocks))
+
+    def logits_at(self, hidden: torch.Tensor, batch: PromptBatch, query_index: torch.Tensor) -> torch.Tensor:
+        """The head's logits (B, Q, N_v): q.k / sqrt(d_head) of the tokens at `query_index` (B, Q) against every
+        visual token, averaged over heads."""
         rows = torch.arange(batch.size, device=hidden.device)[:, None]
+        query_index = query_index.to(hidden.device)
         queries = hidden[rows, query_index]  # (B, Q, D)
         keys = hidden[rows, batch.visual_positions.to(hidden.device)]  # (B, N_max, D)
         if self.final_norm is not None:
             queries, keys = self.final_norm(queries), self.final_norm(keys)
         queries, keys = self.head_norm(queries), self.head_norm(keys)
         shape = self.adapter.attention_shape
-        q = self.q_proj(queries).view(batch.size, turns, shape.num_heads, shape.head_dim).transpose(1, 2)
+        q = self.q_proj(queries).view(batch.size, -1, shape.num_heads, shape.head_dim).transpose(1, 2)
         k = self.k_proj(keys).view(batch.size, -1, shape.num_kv_heads, shape.head_dim).transpose(1, 2)
         q, k = self.adapter.position_qk(q, k, batch, query_index)
         k = k.repeat_interleave(shape.num_heads // shape.num_kv_heads, dim=1)
         logits = (q @ k.transpose(-1, -2)) / shape.head_dim**0.5  # (B, H, Q, N_v)
-        return logits.float().mean(1), query_mask
+        return logits.float().mean(1)
+
+    def question_scores(self, hidden: torch.Tensor, batch: PromptBatch) -> list[torch.Tensor]:
+        """Per sample (N_i,): how much the question looks at each visual token, sigmoid(max over every token after
+        the image of the head's logits), as the released Qwen2.5-VL code scores tokens to prune."""
+        length = hidden.shape[1]
+        starts = [int(batch.visual_positions[i, count - 1]) + 1 for i, count in enumerate(batch.visual_counts)]
+        widest = max(length - start for start in starts)
+        query_index = torch.stack(  # each row's tokens after its image, the last repeated to the widest (same max)
+            [torch.arange(start, start + widest).clamp(max=length - 1) for start in starts]
+        )
+        best = self.logits_at(hidden, batch, query_index).amax(1).sigmoid()
+        return [best[i, :count] for i, count in enumerate(batch.visual_counts)]
 
     def load_state_dict_checked(self, state: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
         """Load weights; names that are missing or unexpected are returned, shapes that differ are refused."""

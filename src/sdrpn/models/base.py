@@ -51,6 +51,9 @@ class PromptBatch:
     # Answers already decoded from exactly this prompt (raw attention's first pass): a sample that gets no crop
     # keeps its answer instead of decoding it again.
     decoded: torch.Tensor | None = field(default=None, repr=False)
+    # Per sample, which of its image's own visual tokens stage 2 keeps when a crop is added ((N_i,) bool, None: all):
+    # the released Qwen2.5-VL pruning of high-resolution images (`RoiSettings.prune_above`).
+    visual_keep: list[torch.Tensor | None] | None = field(default=None, repr=False)
 
     @property
     def size(self) -> int:
@@ -63,6 +66,16 @@ class PromptBatch:
     @property
     def visual_counts(self) -> list[int]:
         return [h * w for h, w in self.grids]
+
+    def row_keep(self, index: int) -> torch.Tensor | None:
+        """(T_i,) bool over sample `index`'s unpadded prompt: False on the image tokens stage 2 drops (None: none)."""
+        if self.visual_keep is None or self.visual_keep[index] is None:
+            return None
+        real = self.inputs["attention_mask"][index].bool()
+        keep = torch.ones(int(real.sum()), dtype=torch.bool)
+        columns = self.visual_positions[index, : self.visual_counts[index]].cpu() - int((~real).sum())
+        keep[columns] = self.visual_keep[index].cpu()
+        return keep
 
     def per_sample(self, values: torch.Tensor) -> list[torch.Tensor]:
         """(B, N_max, ...) values over the visual tokens -> each sample's (H_i, W_i, ...) grid."""
@@ -90,6 +103,14 @@ class AnswerRow:
     embeds: torch.Tensor  # (T_i, D)
     positions: torch.Tensor  # (T_i,) or (P, T_i)
     shared: int
+
+
+def unchanged_prefix(keep: torch.Tensor | None, shared: int) -> int:
+    """How many of a row's leading `shared` prompt tokens stay where they were once the tokens `keep` marks False
+    are dropped: those before the first dropped one."""
+    if keep is None or bool(keep[:shared].all()):
+        return shared
+    return int((~keep[:shared]).nonzero()[0, 0])
 
 
 def pad_visual_positions(positions: list[torch.Tensor]) -> torch.Tensor:

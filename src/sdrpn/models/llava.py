@@ -21,6 +21,7 @@ from sdrpn.models.base import (
     KnownCheckpoint,
     PromptBatch,
     pad_visual_positions,
+    unchanged_prefix,
 )
 from sdrpn.models.stock import StockLayoutAdapter
 from sdrpn.roi import Geometry, RoiSettings
@@ -254,8 +255,12 @@ class LlavaAdapter(StockLayoutAdapter):
             shared = len(row)
             if sample:
                 pad = attention_mask.shape[1] - len(row)
-                shared = int(batch.visual_positions[index, batch.visual_counts[index] - 1]) + 1 - pad
+                image_end = int(batch.visual_positions[index, batch.visual_counts[index] - 1]) + 1 - pad
                 extra = torch.cat([crop.kept_features() for crop in sample]).to(row.dtype)
-                row = torch.cat([row[:shared], extra, row[shared:]])
+                keep = batch.row_keep(index)  # the image's own tokens stage 2 drops (high-resolution pruning)
+                shared = unchanged_prefix(keep, image_end)
+                if keep is not None:
+                    row, image_end = row[keep.to(row.device)], image_end - int((~keep).sum())
+                row = torch.cat([row[:image_end], extra, row[image_end:]])
             rows.append(AnswerRow(row, torch.arange(len(row), device=row.device), shared))
         return rows

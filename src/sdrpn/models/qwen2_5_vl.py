@@ -31,6 +31,7 @@ from sdrpn.models.base import (
     KnownCheckpoint,
     PromptBatch,
     pad_visual_positions,
+    unchanged_prefix,
 )
 from sdrpn.models.stock import StockLayoutAdapter
 from sdrpn.roi import Geometry, RoiSettings
@@ -359,7 +360,9 @@ class Qwen2_5_VLAdapter(StockLayoutAdapter):
         markers = embed_tokens(
             torch.tensor([config.vision_start_token_id, config.vision_end_token_id], device=ids.device)
         )
-        id_parts, embed_parts, keep_parts = [ids[:cut]], [embeds[:cut]], [torch.ones(cut, dtype=torch.bool)]
+        own = batch.row_keep(index)  # the image's own tokens stage 2 drops (high-resolution pruning), if any
+        own = torch.ones(len(ids), dtype=torch.bool) if own is None else own
+        id_parts, embed_parts, keep_parts = [ids[:cut]], [embeds[:cut]], [own[:cut]]
         merge = self.processor.image_processor.merge_size
         grids = [batch.inputs["image_grid_thw"][index]]
         for crop in crops:
@@ -390,7 +393,8 @@ class Qwen2_5_VLAdapter(StockLayoutAdapter):
         rows = []
         for index, sample in enumerate(crops):
             if sample:
-                rows.append(AnswerRow(*self._with_crops(batch, index, sample), self._image_end(batch, index)))
+                shared = unchanged_prefix(batch.row_keep(index), self._image_end(batch, index))
+                rows.append(AnswerRow(*self._with_crops(batch, index, sample), shared))
                 continue
             keep = batch.inputs["attention_mask"][index].bool()
             embeds = self.input_embeddings(batch)[index][keep]
