@@ -221,3 +221,19 @@ def test_overlay_crop_strip_shows_each_region_enlarged(tmp_path):
     assert tuple(picture[side + 4 + side // 2, 204 + side // 2]) == (0, 0, 255)
     plain = np.asarray(Image.open(save_overlay(tmp_path / "p.png", image, None, None, [(10, 10, 30, 30)])))
     assert plain.shape == (100, 200, 3)
+
+
+@pytest.mark.parametrize("flag, prune", [((), True), (("--no-prune",), False)])
+def test_no_prune_reaches_the_zoom(model_dir, image_path, capsys, monkeypatch, flag, prune):
+    import sdrpn.infer
+
+    seen = {}
+    real_load = sdrpn.infer.load
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(sdrpn.infer, "load", spy)
+    assert main([*_ask(model_dir, image_path), *flag]) == 0
+    assert seen["prune"] is prune

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from sdrpn.errors import SdrpnError
-from sdrpn.infer import InferSettings, Zoom
+from sdrpn.infer import InferSettings, Zoom, load
 from sdrpn.models import wrap_model
 from sdrpn.models.qwen2_5_vl import Qwen2_5_VLAdapter
 from sdrpn.roi import RoiSettings
@@ -134,3 +134,10 @@ def test_only_the_images_above_the_limit_are_pruned():
     zoom.roi_maps(batch, "sdrpn")
     assert batch.visual_keep[0] is None and batch.visual_keep[1] is not None
     assert batch.visual_keep[1].shape == (large,)
+
+
+def test_qwen_prunes_by_default_and_load_can_turn_it_off():
+    adapter = wrap_model(*build_tiny("qwen"), "tiny-qwen")
+    rpn = _rpn(adapter)
+    assert load(adapter, rpn).settings.roi.prune_above == 1024  # the released rule is the family's default
+    assert load(adapter, rpn, prune=False).settings.roi.prune_above == 0

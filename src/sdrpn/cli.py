@@ -214,6 +214,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="crop a square of this many tokens centred on each region's mass (0 = the region's token box)",
     )
+    ask.add_argument(
+        "--no-prune",
+        action="store_true",
+        help="keep every token of a high-resolution image in stage 2 (Qwen2.5-VL prunes above 1024 tokens)",
+    )
     ask.add_argument("--max-new-tokens", type=positive_int, default=128)
     ask.add_argument("--save-overlay", default=None, help="write a PNG of the image, RoI map and boxes")
     ask.add_argument(
@@ -465,6 +470,7 @@ def cmd_ask(args) -> int:
         task=args.task,
         window=args.window,
         max_new_tokens=args.max_new_tokens,
+        prune=not args.no_prune,
     )
     result = zoom.ask(image, args.question)
     for warning in result.warnings:
@@ -479,7 +485,8 @@ def cmd_ask(args) -> int:
         print(result.answer)
         print(
             f"method {result.method}, boxes {result.boxes}, extra visual tokens {result.extra_tokens}, "
-            f"{result.timings['total'] * 1000:.0f} ms",
+            + (f"pruned image tokens {result.pruned_tokens}, " if result.pruned_tokens else "")
+            + f"{result.timings['total'] * 1000:.0f} ms",
             file=sys.stderr,
         )
     return 0

@@ -536,10 +536,12 @@ def load(
     min_pixels: int | None = None,
     max_pixels: int | None = None,
     task: str | None = None,
+    prune: bool = True,
 ) -> Zoom:
     """`sdrpn.load(model="llava-hf/llava-1.5-7b-hf", rpn="path")` -> a Zoom ready to `ask`. `model="toy",
     rpn="toy"` is the shipped demo pair. min/max_pixels: the resolution of families that choose it (Qwen2.5-VL).
-    `task` ("textvqa", "docvqa", ...) takes the released RoI threshold for that benchmark; `tau` overrides it."""
+    `task` ("textvqa", "docvqa", ...) takes the released RoI threshold for that benchmark; `tau` overrides it.
+    `prune=False` keeps every token of a high-resolution image in stage 2 (the released Qwen2.5-VL code prunes)."""
     if isinstance(model, FamilyAdapter):
         adapter = model
     else:
@@ -558,6 +560,7 @@ def load(
             raise SdrpnError(f"unknown task {task!r} for this model; known: {', '.join(sorted(presets)) or 'none'}")
         roi = replace(roi, tau=presets[task])
     roi = roi if tau is None else replace(roi, tau=tau)  # the RPN's own defaults, then the caller's choices
+    roi = roi if prune else replace(roi, prune_above=0)
     if window:  # windows are sdrpn's own crops: they take its stage 2
         roi = replace(roi, window=window, crop_rule="sdrpn")
     elif window is not None:
