@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from scipy import ndimage
@@ -51,3 +53,17 @@ def test_bad_options_are_one_line(options, message, capsys):
     assert main(["bench", "speed", *options]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message.lower() in err.lower()
+
+
+def test_pieces_time_every_part_of_one_answer(tmp_path, capsys):
+    out = tmp_path / "pieces.json"
+    argv = ["bench", "speed", "--model", "toy", "--pieces", "--samples", "1", "--new-tokens", "2", "--json", str(out)]
+    assert main(argv) == 0
+    result = json.loads(out.read_text())
+    seconds = result["seconds"]
+    assert {"vision tower, the image", "stage 1: the RPN", "whole answer, base", "whole answer, SD-RPN mask"} <= set(
+        seconds
+    )
+    assert all(value > 0 for value in seconds.values())
+    printed = capsys.readouterr().out
+    assert "SD-RPN mask / base" in printed and len(printed.strip().splitlines()) == len(seconds) + 2

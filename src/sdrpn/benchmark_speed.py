@@ -320,6 +320,64 @@ def targets(result: dict, batch: int = 1) -> dict:
     }
 
 
+def run_pieces(model: str, rpn: str | None = None, new_tokens: int = 8, repeats: int = 7, seed: int = 7, device=None):
+    """Where one answer's time goes: each piece of base and of SD-RPN with masked upscaling, called on its own as
+    `Zoom.ask_batch` calls it, on the bench's first question; medians of `repeats` calls after a warm-up answer."""
+    adapter, network, overrides, given_maps = load_for_speed(model, rpn, device)
+    zoom = speed_zoom(adapter, network, new_tokens, given_maps, **overrides)
+    images, questions = _inputs(1, seed)
+    zoom.ask_batch(images, questions, method="base")  # warm-up: first-call costs
+    batch = zoom._prepare(images, questions)
+    prediction = zoom.regions(zoom.roi_maps(batch, "sdrpn"), batch, "sdrpn")[0]
+    crops = [zoom.crop_tokens(batch.images[0], prediction, "mask")] if prediction.boxes else [[]]
+    prefix = batch.prefix
+
+    def without_prefix(run):
+        def call():
+            batch.prefix = None
+            run()
+            batch.prefix = prefix
+
+        return call
+
+    pieces = {
+        "vision tower, the image": lambda: adapter.input_embeddings(zoom._prepare(images, questions)),
+        f"stage 1: {network.frozen_layers} frozen layers": lambda: adapter.prefix_state(batch, network.frozen_layers),
+        "stage 1: the RPN": lambda: network(batch, prefix=prefix.hidden),
+        "crop encoding": lambda: zoom.crop_tokens(batch.images[0], prediction, "mask"),
+        "stage 2: generate 1 token": lambda: adapter.generate(batch, crops, max_new_tokens=1),
+        f"stage 2: generate {new_tokens} tokens": lambda: adapter.generate(batch, crops, max_new_tokens=new_tokens),
+        "base: generate 1 token": without_prefix(lambda: adapter.generate(batch, max_new_tokens=1)),
+        f"base: generate {new_tokens} tokens": without_prefix(
+            lambda: adapter.generate(batch, max_new_tokens=new_tokens)
+        ),
+        "whole answer, base": lambda: zoom.ask_batch(images, questions, method="base"),
+        "whole answer, SD-RPN mask": lambda: zoom.ask_batch(images, questions, method="sdrpn", upscale="mask"),
+    }
+    timed = {}
+    with torch.no_grad():
+        for name, run in tqdm(pieces.items(), desc="bench speed pieces"):
+            seconds = []
+            for _ in range(repeats):
+                began = _now(adapter.device)
+                run()
+                seconds.append(_now(adapter.device) - began)
+            timed[name] = round(statistics.median(seconds), 4)
+    kept = sum(c.kept for c in crops[0])
+    return {"model": model, "repeats": repeats, "kept_crop_tokens": kept, "seconds": timed}
+
+
+def format_pieces(result: dict) -> str:
+    lines = [
+        f"sdrpn bench speed --pieces: {result['model']}, medians of {result['repeats']} calls "
+        f"({result['kept_crop_tokens']} crop tokens kept)"
+    ]
+    lines += [f"{name:40} {seconds:8.3f} s" for name, seconds in result["seconds"].items()]
+    whole = result["seconds"]
+    lines.append(f"SD-RPN mask / base: {whole['whole answer, base'] / whole['whole answer, SD-RPN mask']:.2f}x")
+    return "\n".join(lines)
+
+
 def format_speed_table(result: dict) -> str:
     lines = [
         f"sdrpn bench speed: {result['model']} on {result['device']} ({result['threads']} threads), "

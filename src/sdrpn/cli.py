@@ -290,8 +290,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--batch", default="1", help="speed: batch sizes, comma-separated (e.g. 1,8)")
     bench.add_argument("--new-tokens", type=positive_int, default=8, help="speed: tokens decoded per answer")
-    bench.add_argument("--samples", type=positive_int, default=2, help="speed: questions each variant answers")
+    bench.add_argument(
+        "--samples",
+        type=positive_int,
+        default=2,
+        help="speed: questions each variant answers (--pieces: calls of each piece)",
+    )
     bench.add_argument("--device", default=None, help="speed: cpu, cuda, ...")
+    bench.add_argument(
+        "--pieces", action="store_true", help="speed: time each piece of one answer (base and SD-RPN mask) instead"
+    )
     evaluate = commands.add_parser("eval", help="score methods on benchmarks (official metrics) with throughput")
     _add_model(evaluate)
     evaluate.add_argument(
@@ -575,8 +583,16 @@ def cmd_eval(args) -> int:
 
 
 def cmd_bench_speed(args) -> int:
-    from sdrpn.benchmark_speed import format_speed_table, run_speed_bench, targets
+    from sdrpn.benchmark_speed import format_pieces, format_speed_table, run_pieces, run_speed_bench, targets
 
+    if args.pieces:
+        result = run_pieces(
+            args.model, args.rpn, new_tokens=args.new_tokens, repeats=args.samples, seed=args.seed, device=args.device
+        )
+        print(format_pieces(result))
+        if args.json:
+            atomic_write_json(args.json, result)
+        return 0
     batch_sizes = _int_list(args.batch, "--batch")
     if not batch_sizes or min(batch_sizes) < 1:
         raise SdrpnError(f"--batch takes positive batch sizes, got {args.batch!r}")
