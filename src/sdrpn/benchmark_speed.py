@@ -354,15 +354,15 @@ def run_pieces(model: str, rpn: str | None = None, new_tokens: int = 8, repeats:
         "whole answer, base": lambda: zoom.ask_batch(images, questions, method="base"),
         "whole answer, SD-RPN mask": lambda: zoom.ask_batch(images, questions, method="sdrpn", upscale="mask"),
     }
-    timed = {}
-    with torch.no_grad():
-        for name, run in tqdm(pieces.items(), desc="bench speed pieces"):
-            seconds = []
-            for _ in range(repeats):
+    seconds: dict[str, list[float]] = {name: [] for name in pieces}
+    names = list(pieces)
+    with torch.no_grad():  # pieces take turns, every other round reversed, so a drifting load favours none
+        for round_ in tqdm(range(repeats), desc="bench speed pieces"):
+            for name in names[:: -1 if round_ % 2 else 1]:
                 began = _now(adapter.device)
-                run()
-                seconds.append(_now(adapter.device) - began)
-            timed[name] = round(statistics.median(seconds), 4)
+                pieces[name]()
+                seconds[name].append(_now(adapter.device) - began)
+    timed = {name: round(statistics.median(values), 4) for name, values in seconds.items()}
     kept = sum(c.kept for c in crops[0])
     return {"model": model, "repeats": repeats, "kept_crop_tokens": kept, "seconds": timed}
 
