@@ -75,6 +75,14 @@ def test_a_cache_for_something_else_is_refused_or_recomputed(adapter, image_fold
     other_question = adapter.prepare(_images(image_folder, 2), [["what is red ?"], ["where ?"]], training=True)
     cache.prefix(other_question, ids)  # same ids, another prompt: not the stored entries
     assert calls["n"] == 3
+    images = _images(image_folder, 2)
+    images[1] = images[1].transpose(0)  # another picture under the same sample id, same prompt tokens
+    other_image = adapter.prepare(images, [["what is red ?"], ["where ?"]], training=True)
+    assert torch.equal(other_image.inputs["input_ids"], other_question.inputs["input_ids"])
+    cache.prefix(other_image, ids)
+    assert calls["n"] == 4
+    cache.prefix(other_image, ids)
+    assert calls["n"] == 4
 
 
 def _images(folder, count):

@@ -5,7 +5,7 @@ can read it instead of computing it and run only the R layers. A cache folder ho
 the entries were computed with: the base model's shapes and weights digest, B, dtype) and one safetensors file
 per sample with the hidden states of its real (unpadded) tokens, read through a memory map and written
 atomically. A folder computed for another model, B or dtype is refused; an entry whose prompt changed (other
-question, template or token count) is computed again.
+question, template or token count) or whose image changed (other pixels under the same name) is computed again.
 
 Size: tokens x hidden size x bytes per value per sample, e.g. about 5 MB for LLaVA-1.5-7B in bf16 (600 x 4096 x 2).
 """
@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 
 import torch
+from PIL import Image
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
@@ -72,7 +73,8 @@ class PrefixCache:
         read when every row is cached, else computed (without gradient) and the missing rows stored."""
         mask = batch.inputs["attention_mask"].bool()
         keys = [
-            self._key(sample_id, batch.inputs["input_ids"][row][mask[row]]) for row, sample_id in enumerate(sample_ids)
+            self._key(sample_id, batch.inputs["input_ids"][row][mask[row]], batch.images[row])
+            for row, sample_id in enumerate(sample_ids)
         ]
         stored = [self._read(key) for key in keys]
         if all(hidden is not None for hidden in stored):
@@ -87,10 +89,13 @@ class PrefixCache:
                 self._write(key, hidden[row][mask[row]])
         return hidden
 
-    def _key(self, sample_id: str, token_ids: torch.Tensor) -> str:
-        """An entry's name: the sample and the exact prompt tokens it was computed from."""
+    def _key(self, sample_id: str, token_ids: torch.Tensor, image: Image.Image) -> str:
+        """An entry's name: the sample, the exact prompt tokens and the image's pixels it was computed from (an image
+        file replaced under the same name is computed again)."""
         digest = hashlib.sha256(sample_id.encode())
         digest.update(token_ids.cpu().to(torch.int64).numpy().tobytes())
+        digest.update(f"{image.mode}{image.size}".encode())
+        digest.update(image.tobytes())
         return digest.hexdigest()[:32]
 
     def _path(self, key: str) -> Path:
