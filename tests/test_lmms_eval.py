@@ -165,6 +165,7 @@ def test_entry_point_reaches_lmms_eval_registry():
         ({"model": "toy", "dtype": "int8"}, "dtype must be one of"),
         ({"model": "toy", "batch_size": "auto"}, "batch_size must be a positive integer"),
         ({"model": "toy", "batch_size": 0}, "batch_size must be a positive integer"),
+        ({"model": "toy", "prune": "sometimes"}, "prune must be True or False"),
     ],
 )
 def test_bad_model_args_are_refused_in_one_line(model_args, message):
@@ -182,6 +183,17 @@ def test_task_preset_sets_the_threshold_and_unknown_presets_are_refused():
     with pytest.raises(SdrpnError, match="unknown task 'nonsense'"):
         SdrpnLmms(model="toy", rpn="toy", task="nonsense")
     assert SdrpnLmms(model="toy", rpn="toy", tau=0.3).zoom.settings.roi.tau == 0.3
+
+
+@pytest.mark.parametrize("prune", [True, False])
+def test_prune_reaches_the_zoom(monkeypatch, prune):
+    import sdrpn.infer
+
+    seen = {}
+    real_load = sdrpn.infer.load
+    monkeypatch.setattr(sdrpn.infer, "load", lambda *a, **k: seen.update(k) or real_load(*a, **k))
+    SdrpnLmms(model="toy", rpn="toy", prune=prune)
+    assert seen["prune"] is prune
 
 
 def test_each_process_of_a_multi_process_run_takes_its_own_gpu(monkeypatch):
