@@ -66,4 +66,4 @@ def test_pieces_time_every_part_of_one_answer(tmp_path, capsys):
     )
     assert all(value > 0 for value in seconds.values())
     printed = capsys.readouterr().out
-    assert "SD-RPN mask / base" in printed and len(printed.strip().splitlines()) == len(seconds) + 2
+    assert "SD-RPN no region throughput / base" in printed and len(printed.strip().splitlines()) == len(seconds) + 3

@@ -347,12 +347,14 @@ def run_pieces(model: str, rpn: str | None = None, new_tokens: int = 8, repeats:
         "crop encoding": lambda: zoom.crop_tokens(batch.images[0], prediction, "mask"),
         "stage 2: generate 1 token": lambda: adapter.generate(batch, crops, max_new_tokens=1),
         f"stage 2: generate {new_tokens} tokens": lambda: adapter.generate(batch, crops, max_new_tokens=new_tokens),
+        f"stage 2, no region: generate {new_tokens} tokens": lambda: adapter.generate(batch, max_new_tokens=new_tokens),
         "base: generate 1 token": without_prefix(lambda: adapter.generate(batch, max_new_tokens=1)),
         f"base: generate {new_tokens} tokens": without_prefix(
             lambda: adapter.generate(batch, max_new_tokens=new_tokens)
         ),
         "whole answer, base": lambda: zoom.ask_batch(images, questions, method="base"),
         "whole answer, SD-RPN mask": lambda: zoom.ask_batch(images, questions, method="sdrpn", upscale="mask"),
+        "whole answer, SD-RPN no region": lambda: _without_region(zoom, images, questions),
     }
     seconds: dict[str, list[float]] = {name: [] for name in pieces}
     names = list(pieces)
@@ -367,6 +369,14 @@ def run_pieces(model: str, rpn: str | None = None, new_tokens: int = 8, repeats:
     return {"model": model, "repeats": repeats, "kept_crop_tokens": kept, "seconds": timed}
 
 
+def _without_region(zoom: SpeedZoom, images, questions) -> None:
+    zoom.region = "none"
+    try:
+        zoom.ask_batch(images, questions, method="sdrpn")
+    finally:
+        zoom.region = "own"
+
+
 def format_pieces(result: dict) -> str:
     lines = [
         f"sdrpn bench speed --pieces: {result['model']}, medians of {result['repeats']} calls "
@@ -374,7 +384,9 @@ def format_pieces(result: dict) -> str:
     ]
     lines += [f"{name:40} {seconds:8.3f} s" for name, seconds in result["seconds"].items()]
     whole = result["seconds"]
-    lines.append(f"SD-RPN mask / base: {whole['whole answer, base'] / whole['whole answer, SD-RPN mask']:.2f}x")
+    for variant in ("mask", "no region"):
+        ratio = whole["whole answer, base"] / whole[f"whole answer, SD-RPN {variant}"]
+        lines.append(f"SD-RPN {variant} throughput / base: {ratio:.2f}x")
     return "\n".join(lines)
 
 
