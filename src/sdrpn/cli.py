@@ -99,6 +99,14 @@ def _load_adapter(args):
     )
 
 
+def _add_vicrop_high_res(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--vicrop-high-res",
+        action="store_true",
+        help="vicrop: stitch the map from tiles of at most 1024 px height (ViCrop's rel_att_high)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sdrpn", description="Self-distilled region proposal for multimodal LLMs.")
     parser.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
@@ -220,6 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep every token of a high-resolution image in stage 2 (Qwen2.5-VL prunes above 1024 tokens)",
     )
     ask.add_argument("--max-new-tokens", type=positive_int, default=128)
+    _add_vicrop_high_res(ask)
     ask.add_argument("--save-overlay", default=None, help="write a PNG of the image, RoI map and boxes")
     ask.add_argument(
         "--overlay-crops", action="store_true", help="add a strip of the cropped regions to the overlay's right"
@@ -321,6 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--limit", type=positive_int, default=None, help="the first N samples of each benchmark")
     evaluate.add_argument("--batch-size", type=positive_int, default=1, help="samples per forward (the paper: 1)")
     evaluate.add_argument("--seed", type=int, default=7, help="toy benchmark: the scenes' seed")
+    _add_vicrop_high_res(evaluate)
     evaluate.add_argument("--out", default="sdrpn-eval", help="results folder (re-running resumes)")
     return parser
 
@@ -479,6 +489,7 @@ def cmd_ask(args) -> int:
         window=args.window,
         max_new_tokens=args.max_new_tokens,
         prune=not args.no_prune,
+        vicrop_high_res=args.vicrop_high_res,
     )
     result = zoom.ask(image, args.question)
     for warning in result.warnings:
@@ -573,6 +584,7 @@ def cmd_eval(args) -> int:
         limit=args.limit,
         batch_size=args.batch_size,
         seed=args.seed,
+        vicrop_high_res=args.vicrop_high_res,
     )
     _check_device(args.device)
     rpn = args.model if args.rpn is None and args.model in SHIPPED else args.rpn  # a shipped toy comes with its RPN

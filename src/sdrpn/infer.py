@@ -41,6 +41,7 @@ from sdrpn.roi import (
 )
 from sdrpn.rpn import RegionProposalNetwork, load_rpn
 from sdrpn.shipped import resolve
+from sdrpn.tiles import stitch_maps, stitched_geometry, tile_boxes
 
 UPSCALES = ("mask", "box")
 GENERIC_PROMPT = "Write a general description of the image."
@@ -61,6 +62,9 @@ class InferSettings:
     max_new_tokens: int = 128
     vicrop_layer: int | None = None  # None: the adapter's first default label layer
     vicrop_rule: str = "released"  # "released": ViCrop's official window search; "sdrpn": `sdrpn.roi.best_window`
+    # ViCrop's high-resolution variant (the official `rel_att_high`): the map is stitched from tiles of at most
+    # 1024 px height, each asked as its own image (`sdrpn.tiles`)
+    vicrop_high_res: bool = False
     # Stage 2 continues stage 1's frozen layers over [system, image] (exact); False computes the whole prompt again,
     # as the released code does.
     prefix_reuse: bool = True
@@ -69,6 +73,8 @@ class InferSettings:
         _check_choice(self.method, self.upscale)
         if self.vicrop_rule not in ("released", "sdrpn"):
             raise SdrpnError(f"vicrop_rule must be 'released' or 'sdrpn', got {self.vicrop_rule!r}")
+        if not isinstance(self.vicrop_high_res, bool):
+            raise SdrpnError(f"vicrop_high_res must be True or False, got {self.vicrop_high_res!r}")
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise SdrpnError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
 
@@ -157,24 +163,13 @@ class Zoom:
             if released:  # the released code, padding included
                 predictions.append(self._released_regions(probability, geometry))
                 continue
+            if METHODS[method].one_window:
+                predictions.append(self._one_window(probability, geometry))
+                continue
             on_image = image_cells(geometry)  # never a region on pad-to-square padding
             probability = np.where(on_image, probability, 0.0)
-            if METHODS[method].one_window and self.settings.vicrop_rule == "released":
-                base = max(self.adapter.input_size(geometry))  # the model's own input side (336 for LLaVA-1.5)
-                box, window = vicrop_window(probability, geometry, base)
-                mask = np.zeros_like(probability, dtype=bool)
-                mask[box[0] : box[2], box[1] : box[3]] = True
-                regions = RoiRegions(probability=probability, mask=mask & on_image, boxes=[box])
-                predictions.append(RoiPrediction(probability, regions, [window], window, geometry, windowed=True))
-                continue
-            if METHODS[method].one_window:
-                box = best_window(probability)
-                mask = np.zeros_like(probability, dtype=bool)
-                mask[box[0] : box[2], box[1] : box[3]] = True
-                regions = RoiRegions(probability=probability, mask=mask & on_image, boxes=[box])
-            else:
-                regions = find_regions(probability, self.settings.roi, allowed=on_image)
-            windowed = self.settings.roi.window > 0 and not METHODS[method].one_window
+            regions = find_regions(probability, self.settings.roi, allowed=on_image)
+            windowed = self.settings.roi.window > 0
             if windowed:
                 boxes = windows_px(regions, geometry, self.settings.roi.window)
                 union = union_px(boxes) if boxes else None
@@ -183,6 +178,25 @@ class Zoom:
                 union = grid_box_to_pixels(regions.union_box, geometry) if regions.boxes else None
             predictions.append(RoiPrediction(probability, regions, boxes, union, geometry, windowed))
         return predictions
+
+    def _one_window(self, probability: np.ndarray, geometry: Geometry) -> RoiPrediction:
+        """ViCrop's single window: its official search in original pixels (`vicrop_rule="released"`), or sdrpn's
+        `best_window` on the grid. The map may lie on a grid stitched from tiles (`vicrop_high_res`); the window's
+        base size stays the model's input side for the whole image."""
+        base = max(self.adapter.input_size(geometry))  # the model's own input side (336 for LLaVA-1.5)
+        geometry = _vicrop_geometry(self, geometry, probability.shape)
+        on_image = image_cells(geometry)  # never a window on pad-to-square padding
+        probability = np.where(on_image, probability, 0.0)
+        released = self.settings.vicrop_rule == "released"
+        if released:
+            box, window = vicrop_window(probability, geometry, base)
+        else:
+            box = best_window(probability)
+            window = grid_box_to_pixels(box, geometry)
+        mask = np.zeros_like(probability, dtype=bool)
+        mask[box[0] : box[2], box[1] : box[3]] = True
+        regions = RoiRegions(probability=probability, mask=mask & on_image, boxes=[box])
+        return RoiPrediction(probability, regions, [window], window, geometry, windowed=released)
 
     def _released_regions(self, probability: np.ndarray, geometry: Geometry) -> RoiPrediction:
         """The released stage 1 and the mask its masked upscaling crops: every cell of the smoothed map above tau
@@ -336,7 +350,7 @@ class Zoom:
                     "total": finished - started,
                     "batch_size": batch.size,
                 },
-                geometry=geometry,
+                geometry=p.geometry if p is not None else geometry,  # a stitched map lies on its own grid
                 input_size=self.adapter.input_size(geometry),
                 warnings=[image.info[FRAMES_WARNING]] if FRAMES_WARNING in image.info else [],
             )
@@ -433,9 +447,45 @@ def _raw_attention_maps(zoom: Zoom, batch: PromptBatch) -> list[np.ndarray]:
 
 
 def _vicrop_maps(zoom: Zoom, batch: PromptBatch) -> list[np.ndarray]:
-    """ViCrop's relative attention: the last prompt token's map divided by the same for a generic prompt. As
-    cheap as it honestly gets: the vision tower runs once, the [system, image] prefix both prompts share runs
-    once, only the recording layer computes an attention row, and nothing runs past it."""
+    """ViCrop's relative attention on each sample's grid, or, with `vicrop_high_res`, stitched from its tiles'
+    when some image is split into several."""
+    if zoom.settings.vicrop_high_res and any(len(tile_boxes(*image.size)) > 1 for image in batch.images):
+        return _tiled_vicrop_maps(zoom, batch)
+    return [_max_normalised(ratio) for ratio in _relative_attention(zoom, batch)]
+
+
+def _tiled_vicrop_maps(zoom: Zoom, batch: PromptBatch) -> list[np.ndarray]:
+    """ViCrop's high-resolution variant (`sdrpn.tiles`): every tile of every sample, a separate image asked the
+    sample's conversation, goes through `_relative_attention` in one batch; each sample's tile maps are stitched
+    unnormalised (as the official code does), then the whole map is normalised."""
+    tiles = [tile_boxes(*image.size) for image in batch.images]
+    tile_batch = zoom.adapter.prepare(
+        [image.crop(box) for image, boxes in zip(batch.images, tiles) for box in boxes],
+        [conversation for conversation, boxes in zip(batch.conversations, tiles) for _ in boxes],
+    )
+    ratios = [ratio.float().cpu().numpy() for ratio in _relative_attention(zoom, tile_batch)]
+    maps, start = [], 0
+    for image, boxes in zip(batch.images, tiles):
+        end = start + len(boxes)
+        stitched = stitch_maps(ratios[start:end], tile_batch.geometries[start:end], boxes, *image.size)
+        maps.append(_max_normalised(torch.from_numpy(stitched)))
+        start = end
+    return maps
+
+
+def _vicrop_geometry(zoom: Zoom, geometry: Geometry, shape: tuple[int, int]) -> Geometry:
+    """How a sample's vicrop map lies on its image: on the sample's grid, or on the grid stitched over the whole
+    image when `vicrop_high_res` split the image into several tiles."""
+    width, height = geometry.image_width, geometry.image_height
+    if zoom.settings.vicrop_high_res and len(tile_boxes(width, height)) > 1:
+        return stitched_geometry(width, height, shape)
+    return geometry
+
+
+def _relative_attention(zoom: Zoom, batch: PromptBatch) -> list[torch.Tensor]:
+    """ViCrop's relative attention, unnormalised: the last prompt token's map divided by the same for a generic
+    prompt. As cheap as it honestly gets: the vision tower runs once, the [system, image] prefix both prompts
+    share runs once, only the recording layer computes an attention row, and nothing runs past it."""
     layer = zoom.settings.vicrop_layer
     layer = min(zoom.adapter.defaults().label_heads) if layer is None else layer
     if not 0 <= layer < zoom.adapter.attention_shape.num_layers:
@@ -451,7 +501,7 @@ def _vicrop_maps(zoom: Zoom, batch: PromptBatch) -> list[np.ndarray]:
         specific_batch, generic_prompt = batch, GENERIC_PROMPT
     generic_batch = zoom.adapter.reprompt(batch, [[generic_prompt]] * batch.size)
     specific, generic = prompts_attention(zoom.adapter, [specific_batch, generic_batch], heads)
-    return [_max_normalised(s / g.clamp(min=1e-12)) for s, g in zip(specific, generic)]
+    return [s / g.clamp(min=1e-12) for s, g in zip(specific, generic)]
 
 
 register_method(Method("base", _no_maps))
@@ -537,11 +587,13 @@ def load(
     max_pixels: int | None = None,
     task: str | None = None,
     prune: bool = True,
+    vicrop_high_res: bool = False,
 ) -> Zoom:
     """`sdrpn.load(model="llava-hf/llava-1.5-7b-hf", rpn="path")` -> a Zoom ready to `ask`. `model="toy",
     rpn="toy"` is the shipped demo pair. min/max_pixels: the resolution of families that choose it (Qwen2.5-VL).
     `task` ("textvqa", "docvqa", ...) takes the released RoI threshold for that benchmark; `tau` overrides it.
-    `prune=False` keeps every token of a high-resolution image in stage 2 (the released Qwen2.5-VL code prunes)."""
+    `prune=False` keeps every token of a high-resolution image in stage 2 (the released Qwen2.5-VL code prunes).
+    `vicrop_high_res`: the `vicrop` method stitches its map from tiles (ViCrop's `rel_att_high`)."""
     if isinstance(model, FamilyAdapter):
         adapter = model
     else:
@@ -570,6 +622,7 @@ def load(
         upscale=upscale,
         roi=roi,
         max_new_tokens=max_new_tokens,
+        vicrop_high_res=vicrop_high_res,
     )
     return Zoom(adapter, network, settings)
 

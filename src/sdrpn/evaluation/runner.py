@@ -33,6 +33,7 @@ class EvalSettings:
     limit: int | None = None  # the first N samples of each benchmark
     batch_size: int = 1  # the paper times batch 1
     seed: int = 7  # toy scenes
+    vicrop_high_res: bool = False  # `vicrop` stitches its map from tiles (`sdrpn.load(vicrop_high_res=...)`)
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -155,7 +156,9 @@ def run_benchmark(adapter, rpn, name: str, data: BenchData, settings: EvalSettin
     benchmark = BENCHMARKS[name]
     presets = adapter.defaults().task_tau
     task = benchmark.task if settings.task_presets and benchmark.task in presets else None
-    zoom = load(adapter, rpn, task=task, max_new_tokens=benchmark.max_new_tokens)
+    zoom = load(
+        adapter, rpn, task=task, max_new_tokens=benchmark.max_new_tokens, vicrop_high_res=settings.vicrop_high_res
+    )
     files = {m: Predictions(settings.out / "predictions" / name / f"{m}.jsonl") for m in settings.methods}
     bars = {
         m: tqdm(
@@ -260,6 +263,7 @@ def evaluate(adapter, rpn, settings: EvalSettings) -> EvalResult:
         "fingerprint": adapter.fingerprint(),
         "rpn": None if rpn is None else str(rpn) if isinstance(rpn, (str, Path)) else "in-memory",
         "task_presets": settings.task_presets,
+        **({"vicrop_high_res": True} if settings.vicrop_high_res else {}),  # recorded when on: older folders resume
     }
     _claim(settings.out, identity)
     aspects = _toy_aspects(adapter) if "toy" in settings.benchmarks else None
