@@ -98,7 +98,7 @@ def _claim(out: Path, identity: dict) -> None:
         except (ValueError, UnicodeDecodeError):
             raise SdrpnError(f"'{path}' is not the JSON sdrpn eval wrote; use another --out") from None
         if recorded != identity:
-            changed = ", ".join(k for k in identity if recorded.get(k) != identity[k])
+            changed = ", ".join(k for k in {**recorded, **identity} if recorded.get(k) != identity.get(k))
             raise SdrpnError(f"'{out}' holds results of another run ({changed} differ); use another --out")
         return
     atomic_write_json(path, identity)
