@@ -83,8 +83,9 @@ def test_padding_cells_of_a_tile_cover_nothing():
 
 def test_finer_tile_cells_are_averaged_by_area():
     geometries = [Geometry.identity(2, 2, 1, 1), Geometry.identity(2, 2, 2, 2)]  # 2 px cells, then 1 px cells
-    stitched = stitch_maps([np.array([[1.0]]), np.array([[1.0, 2.0], [3.0, 4.0]])], geometries,
-                           [(0, 0, 2, 2), (2, 0, 4, 2)], 4, 2)
+    stitched = stitch_maps(
+        [np.array([[1.0]]), np.array([[1.0, 2.0], [3.0, 4.0]])], geometries, [(0, 0, 2, 2), (2, 0, 4, 2)], 4, 2
+    )
     np.testing.assert_array_equal(stitched, [[1.0, 2.5]])
 
 

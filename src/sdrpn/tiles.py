@@ -89,8 +89,9 @@ def stitch_maps(
         raise SdrpnError(f"got {len(maps)} tile maps, {len(geometries)} geometries and {len(boxes)} tile boxes")
     for tile_map, geometry, (x0, y0, x1, y1) in zip(maps, geometries, boxes):
         if np.shape(tile_map) != (geometry.grid_height, geometry.grid_width):
-            raise SdrpnError(f"a tile map has shape {np.shape(tile_map)}, its grid is {geometry.grid_height} x "
-                             f"{geometry.grid_width}")
+            raise SdrpnError(
+                f"a tile map has shape {np.shape(tile_map)}, its grid is {geometry.grid_height} x {geometry.grid_width}"
+            )
         if (geometry.image_width, geometry.image_height) != (x1 - x0, y1 - y0) or not (
             0 <= x0 and 0 <= y0 and x1 <= width and y1 <= height
         ):
