@@ -15,7 +15,7 @@ not copied:
 Stitching resamples by area: the stitched grid is uniform over the whole unpadded image, its cells about the size
 of the first tile's, and each of its cells is the area-weighted mean of the tile cells it overlaps. Tiles of
 unequal size (a clipped last row/column, a differently padded tile) thus join without gaps or seams. One tile
-(the whole image) needs no stitching: its map stays on its own grid.
+(the whole image) needs no stitching: its map stays on its own grid, so such an image gets the plain map.
 """
 
 from __future__ import annotations
@@ -36,18 +36,17 @@ def _check_size(width: int, height: int) -> None:
             raise SdrpnError(f"image {name} must be a positive integer, got {value!r}")
 
 
-def tile_counts(width: int, height: int, side: int = TILE_SIDE) -> tuple[int, int]:
+def tile_counts(width: int, height: int) -> tuple[int, int]:
     """(columns, rows) of the official split, with at least one column (the official code gives a portrait image
     none)."""
     _check_size(width, height)
-    _check_size(side, side)
-    rows = math.ceil(height / side)
+    rows = math.ceil(height / TILE_SIDE)
     return max(1, int(rows * width / height)), rows
 
 
-def tile_boxes(width: int, height: int, side: int = TILE_SIDE) -> list[PixelBox]:
+def tile_boxes(width: int, height: int) -> list[PixelBox]:
     """The tiles as (x0, y0, x1, y1) pixel boxes, row-major, clipped to the image; together they cover it once."""
-    columns, rows = tile_counts(width, height, side)
+    columns, rows = tile_counts(width, height)
     tile_width, tile_height = math.ceil(width / columns), math.ceil(height / rows)
     return [
         (x, y, min(x + tile_width, width), min(y + tile_height, height))
