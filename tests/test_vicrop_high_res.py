@@ -267,3 +267,12 @@ def test_eval_flag_reaches_the_runs_zoom_and_is_recorded(llava_dir, large_image,
     assert main(argv) == 2  # the same folder without the option: another run
     assert "vicrop_high_res differ" in capsys.readouterr().err
     assert seen == [True]  # refused before answering
+
+
+def test_the_flag_without_vicrop_exits_2(llava_dir, large_image, tmp_path, capsys):
+    ask = ["ask", "--model", str(llava_dir), "--image", str(large_image), "--question", QUESTIONS[0]]
+    assert main([*ask, "--method", "base", "--vicrop-high-res"]) == 2
+    assert "--vicrop-high-res is an option of --method vicrop" in capsys.readouterr().err
+    evaluate = ["eval", "--model", str(llava_dir), "--bench", "toy", "--method", "base", "--out", str(tmp_path)]
+    assert main([*evaluate, "--vicrop-high-res"]) == 2
+    assert "not among the methods" in capsys.readouterr().err

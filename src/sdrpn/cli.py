@@ -476,6 +476,8 @@ def cmd_ask(args) -> int:
     from sdrpn.overlay import save_overlay
 
     _check_device(args.device)
+    if args.vicrop_high_res and args.method != "vicrop":
+        raise SdrpnError("--vicrop-high-res is an option of --method vicrop")
     check_output_file(args.save_overlay, "--save-overlay")
     image = load_image(args.image)
     adapter = _load_adapter(args)

@@ -47,6 +47,8 @@ class EvalSettings:
                 raise SdrpnError(f"unknown method {method!r}; known: {', '.join(askable_methods())}")
         if not self.benchmarks or not self.methods:
             raise SdrpnError("give at least one benchmark and one method")
+        if self.vicrop_high_res and "vicrop" not in self.methods:
+            raise SdrpnError("--vicrop-high-res is an option of the vicrop method, which is not among the methods")
         if len(set(self.benchmarks)) < len(self.benchmarks) or len(set(self.methods)) < len(self.methods):
             raise SdrpnError("a benchmark or method is listed twice")
         if self.out.exists() and not self.out.is_dir():
