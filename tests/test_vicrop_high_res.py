@@ -276,3 +276,17 @@ def test_the_flag_without_vicrop_exits_2(llava_dir, large_image, tmp_path, capsy
     evaluate = ["eval", "--model", str(llava_dir), "--bench", "toy", "--method", "base", "--out", str(tmp_path)]
     assert main([*evaluate, "--vicrop-high-res"]) == 2
     assert "not among the methods" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("high_res", [False, True])
+def test_the_window_base_side_is_the_official_one(adapter, monkeypatch, high_res):
+    """ViCrop's official code: 336 px windows for LLaVA-1.5 (its input side), 224 px for Qwen2.5-VL."""
+    import sdrpn.infer
+
+    bases, real = [], sdrpn.infer.vicrop_window
+    monkeypatch.setattr(sdrpn.infer, "vicrop_window", lambda m, g, base: bases.append(base) or real(m, g, base))
+    image = random_images(1, seed=5, size=(2100, 900))[0]
+    vicrop(adapter, high_res).predict_roi([image], [QUESTIONS[0]])
+    batch = adapter.prepare([image], [[QUESTIONS[0]]])
+    expected = 224 if adapter.model.config.model_type == "qwen2_5_vl" else max(adapter.input_size(batch.geometries[0]))
+    assert bases == [expected]

@@ -181,9 +181,10 @@ class Zoom:
 
     def _one_window(self, probability: np.ndarray, geometry: Geometry) -> RoiPrediction:
         """ViCrop's single window: its official search in original pixels (`vicrop_rule="released"`), or sdrpn's
-        `best_window` on the grid. The map may lie on a grid stitched from tiles (`vicrop_high_res`); the window's
-        base size stays the model's input side for the whole image."""
-        base = max(self.adapter.input_size(geometry))  # the model's own input side (336 for LLaVA-1.5)
+        `best_window` on the grid. The map may lie on a grid stitched from tiles (`vicrop_high_res`). The window's
+        base side is the family's (ViCrop's official 224 px for Qwen2.5-VL), else the model's input side for the
+        whole image (336 px for LLaVA-1.5)."""
+        base = self.adapter.defaults().vicrop_window_px or max(self.adapter.input_size(geometry))
         geometry = _vicrop_geometry(self, geometry, probability.shape)
         on_image = image_cells(geometry)  # never a window on pad-to-square padding
         probability = np.where(on_image, probability, 0.0)

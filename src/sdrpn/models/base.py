@@ -182,6 +182,9 @@ class FamilyDefaults:
     min_pixels: int | None = None
     max_pixels: int | None = None
     label_pixels: int | None = None
+    # ViCrop's base window side in original-image pixels (its official code: 336 for LLaVA-1.5, 224 for Qwen2.5-VL);
+    # None: the model's own input side
+    vicrop_window_px: int | None = None
 
     def with_head_set(self, name: str) -> FamilyDefaults:
         """The defaults with the named label heads (and their sink heads) in place."""

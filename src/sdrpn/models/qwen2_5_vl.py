@@ -39,6 +39,7 @@ from sdrpn.roi import Geometry, RoiSettings
 TOKEN_PIXELS = 28  # one merged token: 2 x 2 patches of 14 px
 PAPER_PIXELS = 576 * TOKEN_PIXELS * TOKEN_PIXELS  # 24 x 24 tokens for a square image
 PAD_GRAY = (127, 127, 127)
+VICROP_WINDOW_PX = 224  # ViCrop's official code crops Qwen2.5-VL windows of 224 x {1 .. 2} px
 
 
 class ImageOnlyQwenProcessor(Qwen2_5_VLProcessor):
@@ -128,6 +129,7 @@ def _qwen_defaults(frozen: int, text_rich: dict, natural: dict, natural_sinks: d
         min_pixels=PAPER_PIXELS,
         max_pixels=PAPER_PIXELS,
         label_pixels=PAPER_PIXELS,
+        vicrop_window_px=VICROP_WINDOW_PX,
     )
 
 
@@ -229,6 +231,7 @@ class Qwen2_5_VLAdapter(StockLayoutAdapter):
             min_pixels=pixels,
             max_pixels=pixels,
             label_pixels=pixels,
+            vicrop_window_px=VICROP_WINDOW_PX,
         )
 
     # --- prompts -------------------------------------------------------------------------------
