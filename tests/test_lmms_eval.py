@@ -166,6 +166,7 @@ def test_entry_point_reaches_lmms_eval_registry():
         ({"model": "toy", "batch_size": "auto"}, "batch_size must be a positive integer"),
         ({"model": "toy", "batch_size": 0}, "batch_size must be a positive integer"),
         ({"model": "toy", "prune": "sometimes"}, "prune must be True or False"),
+        ({"model": "toy", "vicrop_high_res": 1}, "vicrop_high_res must be True or False"),
     ],
 )
 def test_bad_model_args_are_refused_in_one_line(model_args, message):
@@ -186,14 +187,14 @@ def test_task_preset_sets_the_threshold_and_unknown_presets_are_refused():
 
 
 @pytest.mark.parametrize("prune", [True, False])
-def test_prune_reaches_the_zoom(monkeypatch, prune):
+def test_prune_and_vicrop_high_res_reach_the_zoom(monkeypatch, prune):
     import sdrpn.infer
 
     seen = {}
     real_load = sdrpn.infer.load
     monkeypatch.setattr(sdrpn.infer, "load", lambda *a, **k: seen.update(k) or real_load(*a, **k))
-    SdrpnLmms(model="toy", rpn="toy", prune=prune)
-    assert seen["prune"] is prune
+    SdrpnLmms(model="toy", rpn="toy", prune=prune, vicrop_high_res=not prune)
+    assert seen["prune"] is prune and seen["vicrop_high_res"] is (not prune)
 
 
 def test_each_process_of_a_multi_process_run_takes_its_own_gpu(monkeypatch):

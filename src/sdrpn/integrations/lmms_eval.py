@@ -107,6 +107,7 @@ class SdrpnLmms(lmms):
         max_batch_size: int | None = None,  # lmms-eval passes it; batches here are exactly --batch_size
         roi_log: str | None = None,
         prune: bool = True,
+        vicrop_high_res: bool = False,
         **unknown,
     ) -> None:
         super().__init__()
@@ -118,8 +119,9 @@ class SdrpnLmms(lmms):
         name = model if model is not None else pretrained
         if name is None:
             raise SdrpnError("sdrpn needs model_args model=NAME_OR_PATH (or pretrained=...), e.g. model=toy,rpn=toy")
-        if not isinstance(prune, bool):
-            raise SdrpnError(f"prune must be True or False, got {prune!r}")
+        for option, flag in (("prune", prune), ("vicrop_high_res", vicrop_high_res)):
+            if not isinstance(flag, bool):
+                raise SdrpnError(f"{option} must be True or False, got {flag!r}")
         if dtype is not None and dtype not in DTYPES:
             raise SdrpnError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
         self.batch_size_per_gpu = _positive_int(batch_size, "batch_size")
@@ -140,6 +142,7 @@ class SdrpnLmms(lmms):
             min_pixels=min_pixels,
             max_pixels=max_pixels,
             prune=prune,
+            vicrop_high_res=vicrop_high_res,
         )
 
     def _start_roi_log(self, path: str | None) -> Path | None:
