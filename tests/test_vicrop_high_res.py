@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -279,14 +280,23 @@ def test_the_flag_without_vicrop_exits_2(llava_dir, large_image, tmp_path, capsy
 
 
 @pytest.mark.parametrize("high_res", [False, True])
-def test_the_window_base_side_is_the_official_one(adapter, monkeypatch, high_res):
-    """ViCrop's official code: 336 px windows for LLaVA-1.5 (its input side), 224 px for Qwen2.5-VL."""
+@pytest.mark.parametrize("window_px", [None, 224])
+def test_the_window_base_side_is_the_official_one(adapter, monkeypatch, high_res, window_px):
+    """ViCrop's official code: 336 px windows for LLaVA-1.5 (its input side), 224 px for the Qwen2.5-VL checkpoints;
+    other models (these tiny ones) their input side."""
     import sdrpn.infer
 
     bases, real = [], sdrpn.infer.vicrop_window
     monkeypatch.setattr(sdrpn.infer, "vicrop_window", lambda m, g, base: bases.append(base) or real(m, g, base))
+    defaults = replace(adapter.defaults(), vicrop_window_px=window_px)
+    monkeypatch.setattr(adapter, "defaults", lambda: defaults)
     image = random_images(1, seed=5, size=(2100, 900))[0]
     vicrop(adapter, high_res).predict_roi([image], [QUESTIONS[0]])
     batch = adapter.prepare([image], [[QUESTIONS[0]]])
-    expected = 224 if adapter.model.config.model_type == "qwen2_5_vl" else max(adapter.input_size(batch.geometries[0]))
-    assert bases == [expected]
+    assert bases == [window_px or max(adapter.input_size(batch.geometries[0]))]
+
+
+def test_the_qwen_checkpoints_take_the_official_224_px_window():
+    from sdrpn.models.qwen2_5_vl import QWEN_CHECKPOINTS
+
+    assert {known.defaults.vicrop_window_px for known in QWEN_CHECKPOINTS} == {224}

@@ -39,7 +39,9 @@ from sdrpn.roi import Geometry, RoiSettings
 TOKEN_PIXELS = 28  # one merged token: 2 x 2 patches of 14 px
 PAPER_PIXELS = 576 * TOKEN_PIXELS * TOKEN_PIXELS  # 24 x 24 tokens for a square image
 PAD_GRAY = (127, 127, 127)
-VICROP_WINDOW_PX = 224  # ViCrop's official code crops Qwen2.5-VL windows of 224 x {1 .. 2} px
+# ViCrop's official code crops windows of 224 x {1 .. 2} px for the Qwen2.5-VL checkpoints it ran; other models
+# (the toy's scenes are smaller than that) keep their input side
+VICROP_WINDOW_PX = 224
 
 
 class ImageOnlyQwenProcessor(Qwen2_5_VLProcessor):
@@ -231,7 +233,6 @@ class Qwen2_5_VLAdapter(StockLayoutAdapter):
             min_pixels=pixels,
             max_pixels=pixels,
             label_pixels=pixels,
-            vicrop_window_px=VICROP_WINDOW_PX,
         )
 
     # --- prompts -------------------------------------------------------------------------------
