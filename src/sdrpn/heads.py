@@ -40,9 +40,10 @@ from sdrpn.data import Sample
 from sdrpn.errors import SdrpnError
 from sdrpn.files import atomic_write, atomic_write_json
 from sdrpn.images import load_image
-from sdrpn.labels import remove_sinks, sink_threshold
+from sdrpn.labeling import LabelSettings
+from sdrpn.labels import assign_labels, remove_sinks, sink_threshold
 from sdrpn.models.base import FamilyAdapter, LayerHeads
-from sdrpn.roi import Geometry
+from sdrpn.roi import Geometry, RoiSettings, find_regions, image_cells
 
 BOX_SHARE_OF_TOKEN = 0.2  # a token is on the box when the box covers this much of it ...
 BOX_SHARE_OF_BOX = 0.25  # ... or it holds this much of the box (a box smaller than a token still has one)
@@ -56,6 +57,7 @@ class SampleMaps:
     maps: torch.Tensor  # (L, H, h, w) attention of the answer-predicting positions, averaged over them
     norms: torch.Tensor  # (L, h, w) L2 norms of the visual hidden states entering each layer (prompt pass)
     box: torch.Tensor | None  # (h, w) bool: the tokens on the sample's target box
+    on_image: np.ndarray | None = None  # (h, w) bool: the cells stage 1 may put a region on (None: every cell)
 
 
 @dataclass
@@ -156,7 +158,9 @@ def collect_maps(
                 except SdrpnError as error:
                     bad.append(f"{sample.sample_id}: {error}")
                     continue
-                collected.append(SampleMaps(sample.sample_id, head_maps, sample_norms[index].permute(2, 0, 1), box))
+                norms = sample_norms[index].permute(2, 0, 1)
+                on_image = image_cells(batch.geometries[index])
+                collected.append(SampleMaps(sample.sample_id, head_maps, norms, box, on_image))
         bar.update(len(samples[start : start + batch_size]))
     bar.close()
     return collected, bad
@@ -214,6 +218,45 @@ def label_map_on_box(samples: list[SampleMaps], heads: list[tuple[int, int]]) ->
         hits += bool(box[cleaned.argmax()])
         inside += float(cleaned[box].sum() / cleaned.sum().clamp_min(1e-12))
     return hits / len(with_box), inside / len(with_box)
+
+
+@dataclass
+class StageOne:
+    """What stage 1 makes of label foregrounds taken as the RPN's map (see `stage_one_on_box`)."""
+
+    region_on_box: float  # share of samples with a kept region on the box (a dropped label counts as none)
+    no_region: float  # share of samples where no region is kept (dropped labels included)
+    dropped: float  # share of samples whose label is dropped (all ignored)
+
+
+def label_foreground(sample: SampleMaps, heads: list[tuple[int, int]], labels: LabelSettings) -> torch.Tensor:
+    """(h, w) bool: the foreground of the label `sdrpn label` would make from these heads (maps averaged alike,
+    sinks zeroed by the norms entering the first of their layers); all False when the label is dropped."""
+    averaged = torch.stack([sample.maps[layer, head] for layer, head in heads]).mean(0)
+    cleaned = remove_sinks(averaged, sample.norms[min(layer for layer, _ in heads)], labels.tau_norm)
+    return assign_labels(cleaned, labels.fg, labels.bg, labels.max_box_frac) == 1
+
+
+def stage_one_on_box(
+    samples: list[SampleMaps], heads: list[tuple[int, int]], roi: RoiSettings, labels: LabelSettings
+) -> StageOne:
+    """How an RPN that learnt these heads' labels perfectly would fare in stage 1: each label's foreground (1 on
+    it, 0 elsewhere) goes through the model's stage-1 rule (`find_regions` with `roi`), and a sample counts when a
+    kept region lies on the box. Why: the RPN learns to reproduce the foreground, and a foreground the rule throws
+    away (too small for `min_tokens`, too faint after smoothing for `tau`) gives no crop. Samples without a box
+    are left out."""
+    with_box = [s for s in samples if s.box is not None]
+    if not with_box:
+        raise SdrpnError("no sample has a target box")
+    on_box = none = dropped = 0
+    for sample in with_box:
+        foreground = label_foreground(sample, heads, labels)
+        dropped += not bool(foreground.any())
+        regions = find_regions(foreground.double().numpy(), roi, allowed=sample.on_image)
+        none += regions.empty
+        on_box += bool((regions.mask & sample.box.numpy()).any())
+    count = len(with_box)
+    return StageOne(on_box / count, none / count, dropped / count)
 
 
 def label_map_peaks_on_box(samples: list[SampleMaps], heads: list[tuple[int, int]]) -> float:

@@ -9,7 +9,9 @@
 `export` writes toy scenes as PNG files and a JSONL with each target's box, so the ranking runs through the same
 command as for any data. `compare` answers fresh scenes once and measures how often the label map (the heads' maps
 averaged alike, sinks zeroed by the paper's norm rule, as labels are made) peaks on the target, and what labels it
-gives (dropped samples, foreground tokens and their share on the target), for the recipe's label layers
+gives (dropped samples, foreground tokens and their share on the target, the share of the target's tokens
+labelled background, and how often stage 1 keeps a region on the target when the foreground is taken as the RPN's
+map: `sdrpn.heads.stage_one_on_box` with the toy's RoI settings), for the recipe's label layers
 (`label_layers_from_recipe`) and for the heads in the file. `distill` self-distils an RPN from the file's heads with
 everything else as the shipped RPN was made (`sdrpn demo --train-rpn`). `bench` runs SD-RPN (masked upscaling, the
 toy's RoI settings) with that RPN and with the shipped one on the scenes `sdrpn bench toy` uses for the same seed
@@ -20,14 +22,14 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 
 from sdrpn.data import Sample
 from sdrpn.files import atomic_write
-from sdrpn.heads import SampleMaps, collect_maps, label_map_peaks_on_box, read_head_list
+from sdrpn.heads import SampleMaps, collect_maps, label_map_peaks_on_box, read_head_list, stage_one_on_box
 from sdrpn.labeling import LabelSettings, make_labels
 from sdrpn.models.base import LayerHeads
 from sdrpn.rpn import load_rpn
@@ -95,6 +97,8 @@ def compare(model: str, heads_files: list[Path], n: int, seed: int, prompt_row: 
                 "fine": round(label_map_peaks_on_box(fine, pairs), 4),
                 "labels": label_statistics(maps, pairs, settings),
                 "labels_fine": label_statistics(fine, pairs, settings),
+                "stage_one": asdict(stage_one_on_box(maps, pairs, pipeline.TOY_ROI, settings)),
+                "stage_one_fine": asdict(stage_one_on_box(fine, pairs, pipeline.TOY_ROI, settings)),
             }
             for name, pairs in chosen.items()
         },
@@ -105,7 +109,7 @@ def label_statistics(maps: list[SampleMaps], heads: list[tuple[int, int]], setti
     """The labels these heads give: how many samples are dropped, how many foreground tokens the others have, and
     which share of those lies on the target's box."""
     norm_layer = min(layer for layer, _ in heads)
-    foreground, on_box, dropped = [], [], 0
+    foreground, on_box, box_background, dropped = [], [], [], 0
     for sample in maps:
         averaged = torch.stack([sample.maps[layer, head] for layer, head in heads]).mean(0)
         labels = make_labels(averaged, sample.norms[norm_layer], None, settings)
@@ -115,11 +119,13 @@ def label_statistics(maps: list[SampleMaps], heads: list[tuple[int, int]], setti
         is_fg = labels == 1
         foreground.append(int(is_fg.sum()))
         on_box.append(float((is_fg & sample.box).sum() / is_fg.sum()))
+        box_background.append(float(((labels == 0) & sample.box).sum() / sample.box.sum()))
     kept = max(len(foreground), 1)
     return {
         "dropped": dropped,
         "mean_foreground_tokens": round(sum(foreground) / kept, 3),
         "foreground_share_on_box": round(sum(on_box) / kept, 4),
+        "box_share_labelled_background": round(sum(box_background) / kept, 4),
     }
 
 
