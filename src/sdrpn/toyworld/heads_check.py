@@ -5,6 +5,7 @@
     python -m sdrpn.toyworld.heads_check compare --model toy --heads heads.json --n 1000 --seed 5000
     python -m sdrpn.toyworld.heads_check distill --model toy --heads heads.json --out heads-rpn
     python -m sdrpn.toyworld.heads_check bench --model toy --rpn heads-rpn/rpn --n 300 --seed 7
+    python -m sdrpn.toyworld.heads_check predict --model toy --rpn heads-rpn/rpn toy --n 300 --seed 99
 
 `export` writes toy scenes as PNG files and a JSONL with each target's box, so the ranking runs through the same
 command as for any data. `compare` answers fresh scenes once and measures how often the label map (the heads' maps
@@ -15,7 +16,7 @@ map: `sdrpn.heads.stage_one_on_box` with the toy's RoI settings), for the recipe
 (`label_layers_from_recipe`) and for the heads in the file. `distill` self-distils an RPN from the file's heads with
 everything else as the shipped RPN was made (`sdrpn demo --train-rpn`). `bench` runs SD-RPN (masked upscaling, the
 toy's RoI settings) with that RPN and with the shipped one on the scenes `sdrpn bench toy` uses for the same seed
-and size.
+and size. `predict` shows where RPNs look on the fine questions of those scenes, without answering.
 """
 
 from __future__ import annotations
@@ -29,11 +30,11 @@ import torch
 
 from sdrpn.data import Sample
 from sdrpn.files import atomic_write
-from sdrpn.heads import SampleMaps, collect_maps, label_map_peaks_on_box, read_head_list, stage_one_on_box
+from sdrpn.heads import SampleMaps, box_tokens, collect_maps, label_map_peaks_on_box, read_head_list, stage_one_on_box
 from sdrpn.labeling import LabelSettings, make_labels
 from sdrpn.models.base import LayerHeads
 from sdrpn.rpn import load_rpn
-from sdrpn.shipped import shipped_dir
+from sdrpn.shipped import resolve, shipped_dir
 from sdrpn.toyworld import pipeline, world
 
 
@@ -155,9 +156,34 @@ def bench(model: str, rpn: Path, n: int, seed: int) -> dict:
     return result
 
 
+def predict(model: str, rpns: list[Path], n: int, seed: int) -> dict:
+    """What each RPN predicts on the fine questions of the bench scenes (no answers generated): how often stage 1
+    (the toy's RoI settings) keeps no region or one on the target, how often the RPN's map peaks on the target,
+    and its peak probability overall and on the target."""
+    adapter = pipeline.load_toy_model(model)
+    fine = [s for s in world.make_samples(n, seed, aspects=pipeline.toy_aspects(adapter)) if s.qtype == "fine"]
+    result = {"model": model, "seed": seed, "n": n, "fine_scenes": len(fine)}
+    for folder in rpns:
+        zoom = pipeline.make_zoom(adapter, load_rpn(resolve(str(folder), "rpn"), adapter))
+        counts = {"no_region": 0, "region_on_target": 0, "peak_on_target": 0, "max_p": 0.0, "max_p_on_target": 0.0}
+        for chunk in pipeline._batched(fine, pipeline.ACCURACY_BATCH):
+            predictions = zoom.predict_roi([s.image for s in chunk], [s.question for s in chunk])
+            for sample, prediction in zip(chunk, predictions):
+                target = box_tokens(tuple(map(float, sample.target_box)), prediction.geometry).numpy()
+                probability = prediction.probability
+                counts["no_region"] += prediction.regions.empty
+                counts["region_on_target"] += bool((prediction.regions.mask & target).any())
+                counts["peak_on_target"] += bool(target.flatten()[probability.argmax()])
+                counts["max_p"] += float(probability.max())
+                counts["max_p_on_target"] += float(probability[target].max())
+        result[str(folder)] = {name: round(value / len(fine), 4) for name, value in counts.items()}
+        print(json.dumps({str(folder): result[str(folder)]}), flush=True)
+    return result
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("step", choices=("export", "compare", "distill", "bench"))
+    parser.add_argument("step", choices=("export", "compare", "distill", "bench", "predict"))
     parser.add_argument("--model", default="toy", choices=("toy", "toy-qwen"))
     parser.add_argument("--n", type=int, default=64)
     parser.add_argument("--seed", type=int, default=3000)
@@ -165,7 +191,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prompt-row", action="store_true", help="compare the maps of the question's last token")
     parser.add_argument("--out", type=Path, default=Path("toy-heads-data"))
     parser.add_argument("--label-samples", type=int, default=2000)
-    parser.add_argument("--rpn", type=Path, default=Path("heads-rpn/rpn"))
+    parser.add_argument("--rpn", type=Path, nargs="+", default=[Path("heads-rpn/rpn")])
     args = parser.parse_args(argv)
     if args.step == "export":
         print(export(args.model, args.n, args.seed, args.out))
@@ -174,8 +200,10 @@ def main(argv: list[str] | None = None) -> None:
     elif args.step == "distill":
         distill(args.model, args.heads[0], args.out, args.label_samples)
         print(args.out / "rpn")
+    elif args.step == "predict":
+        print(json.dumps(predict(args.model, args.rpn, args.n, args.seed), indent=2))
     else:
-        print(json.dumps(bench(args.model, args.rpn, args.n, args.seed), indent=2))
+        print(json.dumps(bench(args.model, args.rpn[0], args.n, args.seed), indent=2))
 
 
 if __name__ == "__main__":
