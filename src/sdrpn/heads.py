@@ -28,7 +28,7 @@ import json
 import math
 from collections.abc import Callable
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -84,6 +84,9 @@ class HeadRanking:
     peak_on_box: float | None  # how often the picked heads' label map peaks on the box (sample with boxes)
     grid: tuple[int, int]  # (layers, heads)
     min_layer: int = 0  # the lowest layer heads were picked from
+    region_on_box: float | None = None  # how often stage 1 on the picked heads' label foregrounds keeps a region on it
+    candidates: list[Candidate] = field(default_factory=list)  # every prefix weighed (samples with boxes)
+    roi: RoiSettings = field(default_factory=RoiSettings)  # the stage-1 rule they were weighed by
 
 
 def box_tokens(box: tuple[float, float, float, float], geometry: Geometry) -> torch.Tensor:
@@ -264,9 +267,18 @@ def label_map_peaks_on_box(samples: list[SampleMaps], heads: list[tuple[int, int
     return label_map_on_box(samples, heads)[0]
 
 
-def rank_heads(samples: list[SampleMaps], top: int = 8, min_layer: int = 0) -> HeadRanking:
+def rank_heads(
+    samples: list[SampleMaps],
+    top: int = 8,
+    min_layer: int = 0,
+    roi: RoiSettings | None = None,
+    labels: LabelSettings | None = None,
+) -> HeadRanking:
     """Score every head over the answered samples (see the module docstring) and pick the label heads from layer
-    `min_layer` up."""
+    `min_layer` up; `roi` is the stage-1 rule the labels' foregrounds are weighed by (default: sdrpn's), `labels`
+    the thresholds labels are made with (default: `sdrpn label`'s)."""
+    roi = roi or RoiSettings()
+    labels = labels or LabelSettings()
     if not samples:
         raise SdrpnError("no sample could be used to rank heads")
     num_layers = samples[0].maps.shape[0]
@@ -307,22 +319,64 @@ def rank_heads(samples: list[SampleMaps], top: int = 8, min_layer: int = 0) -> H
     order = sorted(range(len(scores)), key=lambda i: (-float(score.flatten()[i]), -scores[i].concentration, i))
     ranked = [scores[i] for i in order]
     eligible = [s for s in ranked if s.layer >= min_layer]
-    picked, rate = _pick(samples, eligible, top, with_boxes)
+    picked, candidates = _pick(samples, eligible, top, with_boxes, roi, labels)
+    chosen = next((c for c in candidates if c.heads == picked), None)
     label_heads: LayerHeads = {}
     for layer, head in sorted(picked):
         label_heads.setdefault(layer, []).append(head)
-    return HeadRanking(ranked, label_heads, len(samples), with_boxes, rate, (layers, heads), min_layer)
+    return HeadRanking(
+        ranked,
+        label_heads,
+        len(samples),
+        with_boxes,
+        None if chosen is None else chosen.peak_on_box,
+        (layers, heads),
+        min_layer,
+        None if chosen is None else chosen.region_on_box,
+        candidates,
+        roi,
+    )
+
+
+@dataclass
+class Candidate:
+    """A prefix of the ranking the pick weighed, and the label measures it was weighed by (samples with boxes)."""
+
+    heads: list[tuple[int, int]]
+    region_on_box: float  # stage 1 on the labels' foregrounds keeps a region on the box (`stage_one_on_box`)
+    no_region: float
+    dropped: float
+    peak_on_box: float  # the label map peaks on the box (`label_map_on_box`)
+    box_share: float  # the label map's mean share inside the box
+
+    @property
+    def key(self) -> tuple[float, float, float]:
+        """Best first: a kept region on the box, then the map's peak on it, then its share inside it."""
+        return (self.region_on_box, self.peak_on_box, self.box_share)
+
+
+def weigh_candidate(
+    samples: list[SampleMaps], heads: list[tuple[int, int]], roi: RoiSettings, labels: LabelSettings
+) -> Candidate:
+    stage_one = stage_one_on_box(samples, heads, roi, labels)
+    peak, share = label_map_on_box(samples, heads)
+    return Candidate(heads, stage_one.region_on_box, stage_one.no_region, stage_one.dropped, peak, share)
 
 
 def _pick(
-    samples: list[SampleMaps], ranked: list[HeadScore], top: int, with_boxes: bool
-) -> tuple[list[tuple[int, int]], float | None]:
-    candidates = [(s.layer, s.head) for s in ranked[:top]]
+    samples: list[SampleMaps],
+    ranked: list[HeadScore],
+    top: int,
+    with_boxes: bool,
+    roi: RoiSettings,
+    labels: LabelSettings,
+) -> tuple[list[tuple[int, int]], list[Candidate]]:
+    heads = [(s.layer, s.head) for s in ranked[:top]]
     if not with_boxes:
-        return candidates, None
-    quality = [label_map_on_box(samples, candidates[:k]) for k in range(1, len(candidates) + 1)]
-    best = max(range(len(quality)), key=quality.__getitem__)  # peak on box first, then the map's share in the box
-    return candidates[: best + 1], quality[best][0]
+        return heads, []
+    candidates = [weigh_candidate(samples, heads[:k], roi, labels) for k in range(1, len(heads) + 1)]
+    best = max(candidates, key=lambda c: c.key)  # the first (fewest heads) among equals
+    return best.heads, candidates
 
 
 # --- files ---------------------------------------------------------------------------------------
@@ -341,6 +395,15 @@ def ranking_json(ranking: HeadRanking, model: str, queries: str, asked: int) -> 
         "layers": ranking.grid[0],
         "heads_per_layer": ranking.grid[1],
         "min_layer": ranking.min_layer,
+        "region_on_box": ranking.region_on_box,
+        "roi_settings": asdict(ranking.roi),
+        "candidates": [
+            {
+                "heads": " ".join(f"{layer}:{head}" for layer, head in c.heads),
+                **{k: round(v, 4) for k, v in asdict(c).items() if k != "heads"},
+            }
+            for c in ranking.candidates
+        ],
         "ranking": [asdict(score) for score in ranking.scores],
     }
 
