@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy import ndimage
 from tqdm.auto import tqdm
 
 from sdrpn.attention import QUERIES, _mean_over_steps, capture_hidden_norms, capture_rows, response_lengths
@@ -84,7 +85,7 @@ class HeadRanking:
     peak_on_box: float | None  # how often the picked heads' label map peaks on the box (sample with boxes)
     grid: tuple[int, int]  # (layers, heads)
     min_layer: int = 0  # the lowest layer heads were picked from
-    region_on_box: float | None = None  # how often stage 1 on the picked heads' label foregrounds keeps a region on it
+    clean_on_box: float | None = None  # how often stage 1 on the picked heads' labels keeps clean regions on the box
     candidates: list[Candidate] = field(default_factory=list)  # every prefix weighed (samples with boxes)
     roi: RoiSettings = field(default_factory=RoiSettings)  # the stage-1 rule they were weighed by
 
@@ -225,41 +226,55 @@ def label_map_on_box(samples: list[SampleMaps], heads: list[tuple[int, int]]) ->
 
 @dataclass
 class StageOne:
-    """What stage 1 makes of label foregrounds taken as the RPN's map (see `stage_one_on_box`)."""
+    """What stage 1 makes of label foregrounds taken as the RPN's map (see `stage_one_on_box`); shares of the
+    samples with a box."""
 
-    region_on_box: float  # share of samples with a kept region on the box (a dropped label counts as none)
-    no_region: float  # share of samples where no region is kept (dropped labels included)
-    dropped: float  # share of samples whose label is dropped (all ignored)
+    clean_on_box: float  # regions kept, every one on the box, and no token of the box labelled background
+    region_on_box: float  # a kept region on the box (a dropped label keeps none)
+    no_region: float  # no region kept (dropped labels included)
+    dropped: float  # the label is dropped (all ignored)
 
 
-def label_foreground(sample: SampleMaps, heads: list[tuple[int, int]], labels: LabelSettings) -> torch.Tensor:
-    """(h, w) bool: the foreground of the label `sdrpn label` would make from these heads (maps averaged alike,
-    sinks zeroed by the norms entering the first of their layers); all False when the label is dropped."""
+def sample_labels(sample: SampleMaps, heads: list[tuple[int, int]], labels: LabelSettings) -> torch.Tensor:
+    """(h, w) labels in {-1, 0, 1} as `sdrpn label` would make them from these heads (maps averaged alike, sinks
+    zeroed by the norms entering the first of their layers)."""
     averaged = torch.stack([sample.maps[layer, head] for layer, head in heads]).mean(0)
     cleaned = remove_sinks(averaged, sample.norms[min(layer for layer, _ in heads)], labels.tau_norm)
-    return assign_labels(cleaned, labels.fg, labels.bg, labels.max_box_frac) == 1
+    return assign_labels(cleaned, labels.fg, labels.bg, labels.max_box_frac)
+
+
+def _regions_on_box(mask: np.ndarray, box: np.ndarray) -> tuple[bool, bool]:
+    """(a kept region touches the box, every kept region does); regions are the mask's 8-connected parts."""
+    parts, count = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
+    touching = np.unique(parts[box & mask]).size
+    return touching > 0, count > 0 and touching == count
 
 
 def stage_one_on_box(
     samples: list[SampleMaps], heads: list[tuple[int, int]], roi: RoiSettings, labels: LabelSettings
 ) -> StageOne:
-    """How an RPN that learnt these heads' labels perfectly would fare in stage 1: each label's foreground (1 on
-    it, 0 elsewhere) goes through the model's stage-1 rule (`find_regions` with `roi`), and a sample counts when a
-    kept region lies on the box. Why: the RPN learns to reproduce the foreground, and a foreground the rule throws
-    away (too small for `min_tokens`, too faint after smoothing for `tau`) gives no crop. Samples without a box
-    are left out."""
+    """How an RPN that learnt these heads' labels would fare in stage 1: each label's foreground (1 on it, 0
+    elsewhere) goes through the model's stage-1 rule (`find_regions` with `roi`). Why: the RPN learns to
+    reproduce the foreground; a foreground the rule throws away gives no crop, one off the box a wrong crop, and
+    a box token labelled background teaches the RPN to doubt the target (an RPN distilled from such labels kept
+    no region on one fine toy question in eight while its map peaked on the target: docs/benchmarks.md).
+    Samples without a box are left out."""
     with_box = [s for s in samples if s.box is not None]
     if not with_box:
         raise SdrpnError("no sample has a target box")
-    on_box = none = dropped = 0
+    clean = on_box = none = dropped = 0
     for sample in with_box:
-        foreground = label_foreground(sample, heads, labels)
-        dropped += not bool(foreground.any())
-        regions = find_regions(foreground.double().numpy(), roi, allowed=sample.on_image)
+        label = sample_labels(sample, heads, labels)
+        foreground = (label == 1).numpy()
+        box = sample.box.numpy()
+        dropped += not foreground.any()
+        regions = find_regions(foreground.astype(np.float64), roi, allowed=sample.on_image)
+        touches, all_on = _regions_on_box(regions.mask, box)
         none += regions.empty
-        on_box += bool((regions.mask & sample.box.numpy()).any())
+        on_box += touches
+        clean += all_on and not bool(((label == 0).numpy() & box).any())
     count = len(with_box)
-    return StageOne(on_box / count, none / count, dropped / count)
+    return StageOne(clean / count, on_box / count, none / count, dropped / count)
 
 
 def label_map_peaks_on_box(samples: list[SampleMaps], heads: list[tuple[int, int]]) -> float:
@@ -332,7 +347,7 @@ def rank_heads(
         None if chosen is None else chosen.peak_on_box,
         (layers, heads),
         min_layer,
-        None if chosen is None else chosen.region_on_box,
+        None if chosen is None else chosen.clean_on_box,
         candidates,
         roi,
     )
@@ -343,16 +358,17 @@ class Candidate:
     """A prefix of the ranking the pick weighed, and the label measures it was weighed by (samples with boxes)."""
 
     heads: list[tuple[int, int]]
-    region_on_box: float  # stage 1 on the labels' foregrounds keeps a region on the box (`stage_one_on_box`)
+    clean_on_box: float  # stage 1 on the labels' foregrounds keeps regions, all on the box, none of it background
+    region_on_box: float  # ... keeps a region on the box (`stage_one_on_box`)
     no_region: float
     dropped: float
     peak_on_box: float  # the label map peaks on the box (`label_map_on_box`)
     box_share: float  # the label map's mean share inside the box
 
     @property
-    def key(self) -> tuple[float, float, float]:
-        """Best first: a kept region on the box, then the map's peak on it, then its share inside it."""
-        return (self.region_on_box, self.peak_on_box, self.box_share)
+    def key(self) -> tuple[float, float, float, float]:
+        """Best first: clean regions on the box, then any region on it, the map's peak on it, its share inside."""
+        return (self.clean_on_box, self.region_on_box, self.peak_on_box, self.box_share)
 
 
 def weigh_candidate(
@@ -360,7 +376,7 @@ def weigh_candidate(
 ) -> Candidate:
     stage_one = stage_one_on_box(samples, heads, roi, labels)
     peak, share = label_map_on_box(samples, heads)
-    return Candidate(heads, stage_one.region_on_box, stage_one.no_region, stage_one.dropped, peak, share)
+    return Candidate(heads, **asdict(stage_one), peak_on_box=peak, box_share=share)
 
 
 def _pick(
@@ -395,7 +411,7 @@ def ranking_json(ranking: HeadRanking, model: str, queries: str, asked: int) -> 
         "layers": ranking.grid[0],
         "heads_per_layer": ranking.grid[1],
         "min_layer": ranking.min_layer,
-        "region_on_box": ranking.region_on_box,
+        "clean_on_box": ranking.clean_on_box,
         "roi_settings": asdict(ranking.roi),
         "candidates": [
             {
