@@ -365,10 +365,6 @@ class Candidate:
     peak_on_box: float  # the label map peaks on the box (`label_map_on_box`)
     box_share: float  # the label map's mean share inside the box
 
-    @property
-    def key(self) -> tuple[float, float, float, float]:
-        """Best first: clean regions on the box, then any region on it, the map's peak on it, its share inside."""
-        return (self.clean_on_box, self.region_on_box, self.peak_on_box, self.box_share)
 
 
 def weigh_candidate(
@@ -391,8 +387,17 @@ def _pick(
     if not with_boxes:
         return heads, []
     candidates = [weigh_candidate(samples, heads[:k], roi, labels) for k in range(1, len(heads) + 1)]
-    best = max(candidates, key=lambda c: c.key)  # the first (fewest heads) among equals
-    return best.heads, candidates
+    return best_candidate(candidates, sum(s.box is not None for s in samples)).heads, candidates
+
+
+def best_candidate(candidates: list[Candidate], samples: int) -> Candidate:
+    """The most clean regions on the box, where rates less than one standard error apart (sqrt(p (1 - p) / n) at
+    the best rate p) count as equal, so that one sample more or less does not decide; among equals the label map's
+    peak on the box, then its share inside it, then fewer heads."""
+    top = max(c.clean_on_box for c in candidates)
+    margin = math.sqrt(top * (1 - top) / samples)
+    equal = [c for c in candidates if c.clean_on_box >= top - margin - 1e-9]
+    return max(equal, key=lambda c: (c.peak_on_box, c.box_share))  # the first (fewest heads) among equals
 
 
 # --- files ---------------------------------------------------------------------------------------
