@@ -130,15 +130,22 @@ def label_statistics(maps: list[SampleMaps], heads: list[tuple[int, int]], setti
     }
 
 
-def distill(model: str, heads_file: Path, out: Path, samples: int = 2000):
-    """The shipped RPN's self-distillation (`sdrpn demo --train-rpn`) with the file's label heads, heads alike."""
+def distill(
+    model: str, heads_file: Path, out: Path, samples: int = 2000, train_seed: int = 0, labels: Path | None = None
+):
+    """The shipped RPN's self-distillation (`sdrpn demo --train-rpn`) with the file's label heads, heads alike;
+    `train_seed` other than the shipped 0 measures the spread between RPNs of one pick, `labels` reuses a label
+    folder made before (the samples already labelled there are skipped)."""
     adapter = pipeline.load_toy_model(model)
     settings = replace(
         pipeline.toy_label_settings(pipeline.toy_model_dir(model)),
         label_heads=read_head_list(heads_file),
         head_weighting="head",
     )
-    return pipeline.self_distill(adapter, out, samples=samples, label_settings=settings)
+    training = replace(pipeline.TOY_TRAIN, seed=train_seed)
+    return pipeline.self_distill(
+        adapter, out, samples=samples, label_settings=settings, train_settings=training, label_dir=labels
+    )
 
 
 def bench(model: str, rpn: Path, n: int, seed: int) -> dict:
@@ -191,6 +198,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prompt-row", action="store_true", help="compare the maps of the question's last token")
     parser.add_argument("--out", type=Path, default=Path("toy-heads-data"))
     parser.add_argument("--label-samples", type=int, default=2000)
+    parser.add_argument("--train-seed", type=int, default=0, help="distill: the RPN's training seed")
+    parser.add_argument("--labels", type=Path, default=None, help="distill: a label folder to reuse")
     parser.add_argument("--rpn", type=Path, nargs="+", default=[Path("heads-rpn/rpn")])
     args = parser.parse_args(argv)
     if args.step == "export":
@@ -198,7 +207,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.step == "compare":
         print(json.dumps(compare(args.model, args.heads, args.n, args.seed, args.prompt_row), indent=2))
     elif args.step == "distill":
-        distill(args.model, args.heads[0], args.out, args.label_samples)
+        distill(args.model, args.heads[0], args.out, args.label_samples, args.train_seed, args.labels)
         print(args.out / "rpn")
     elif args.step == "predict":
         print(json.dumps(predict(args.model, args.rpn, args.n, args.seed), indent=2))
