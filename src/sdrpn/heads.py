@@ -14,12 +14,18 @@ over them as labels are) is kept per sample, and scored:
 - with target boxes: box mass (the share of the sink-free map inside the box) and peak on box.
 
 The score is box mass x sink-free when every sample has a box, else concentration x consistency x variety x
-sink-free. Every head is ranked; `min_layer` leaves the heads of lower layers out of the pick (how often a head's
-map peaks on the box does not tell how well an RPN distils from it, and no layer rule has yet been shown to fix
-that: docs/benchmarks.md). The heads picked: with boxes,
-the prefix of the eligible ranking (at most `top` heads) whose mean map, made as labels are made (heads averaged
-alike, sinks removed by the norms entering the first picked layer), puts its peak on the box most often (among
-equals, the one whose map holds the most inside the box); without boxes, the `top` best.
+sink-free. Every head is ranked; `min_layer` leaves the heads of lower layers out of the pick. Without boxes the
+`top` best are picked. With boxes, each prefix of the eligible ranking (at most `top` heads) is weighed by what an
+RPN that learnt its labels would give in stage 1 (`stage_one_on_box`): the labels are made as `sdrpn label` makes
+them (heads averaged alike, sinks removed by the norms entering the first picked layer, `assign_labels`), each
+label's foreground is taken as the RPN's map and goes through the model's stage-1 rule (`find_regions` with its
+RoI settings), and a sample counts as clean when regions are kept, every one lies on the box, and no token of the
+box is labelled background. The prefix with the most clean samples is picked; rates less than one standard error
+below the best count as equal, and among equals the one whose label map peaks on the box most often, then holds
+most inside it, then has fewer heads. Why: how often a head's map peaks on the box did not tell how well an RPN
+distils from it. On the toy, head 0:1 alone peaked on the target more often than the recipe's layer, yet its RPN
+kept no region on one fine question in eight while its own map peaked on the target; its one-token labels mark
+12% of the target's tokens background (three times the recipe's share), the likely cause (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -364,7 +370,6 @@ class Candidate:
     dropped: float
     peak_on_box: float  # the label map peaks on the box (`label_map_on_box`)
     box_share: float  # the label map's mean share inside the box
-
 
 
 def weigh_candidate(
