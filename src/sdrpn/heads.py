@@ -346,16 +346,16 @@ def rank_heads(
     for layer, head in sorted(picked):
         label_heads.setdefault(layer, []).append(head)
     return HeadRanking(
-        ranked,
-        label_heads,
-        len(samples),
-        with_boxes,
-        None if chosen is None else chosen.peak_on_box,
-        (layers, heads),
-        min_layer,
-        None if chosen is None else chosen.clean_on_box,
-        candidates,
-        roi,
+        scores=ranked,
+        label_heads=label_heads,
+        samples=len(samples),
+        with_boxes=with_boxes,
+        peak_on_box=None if chosen is None else chosen.peak_on_box,
+        grid=(layers, heads),
+        min_layer=min_layer,
+        clean_on_box=None if chosen is None else chosen.clean_on_box,
+        candidates=candidates,
+        roi=roi,
     )
 
 

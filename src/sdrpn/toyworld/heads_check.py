@@ -26,12 +26,18 @@ import json
 from dataclasses import asdict, replace
 from pathlib import Path
 
-import torch
-
 from sdrpn.data import Sample
 from sdrpn.files import atomic_write
-from sdrpn.heads import SampleMaps, box_tokens, collect_maps, label_map_peaks_on_box, read_head_list, stage_one_on_box
-from sdrpn.labeling import LabelSettings, make_labels
+from sdrpn.heads import (
+    SampleMaps,
+    box_tokens,
+    collect_maps,
+    label_map_peaks_on_box,
+    read_head_list,
+    sample_labels,
+    stage_one_on_box,
+)
+from sdrpn.labeling import LabelSettings
 from sdrpn.models.base import LayerHeads
 from sdrpn.rpn import load_rpn
 from sdrpn.shipped import resolve, shipped_dir
@@ -109,11 +115,9 @@ def compare(model: str, heads_files: list[Path], n: int, seed: int, prompt_row: 
 def label_statistics(maps: list[SampleMaps], heads: list[tuple[int, int]], settings: LabelSettings) -> dict:
     """The labels these heads give: how many samples are dropped, how many foreground tokens the others have, and
     which share of those lies on the target's box."""
-    norm_layer = min(layer for layer, _ in heads)
     foreground, on_box, box_background, dropped = [], [], [], 0
     for sample in maps:
-        averaged = torch.stack([sample.maps[layer, head] for layer, head in heads]).mean(0)
-        labels = make_labels(averaged, sample.norms[norm_layer], None, settings)
+        labels = sample_labels(sample, heads, settings)
         if (labels == -1).all():
             dropped += 1
             continue
