@@ -19,11 +19,12 @@ from sdrpn.heads import (
     label_map_peaks_on_box,
     rank_heads,
     read_head_list,
+    stage_one_on_box,
     write_ranking,
 )
 from sdrpn.images import load_image
 from sdrpn.labeling import LabelSettings
-from sdrpn.roi import Geometry
+from sdrpn.roi import Geometry, RoiSettings
 from tests.conftest import QUESTIONS, random_images
 
 
@@ -183,3 +184,66 @@ def test_min_layer_leaves_lower_heads_out_of_the_pick():
     assert ranking.label_heads == {1: [2]} and ranking.peak_on_box == 1.0 and ranking.min_layer == 1
     with pytest.raises(SdrpnError, match="lowest label layer"):
         rank_heads(samples, min_layer=4)
+
+
+def _spike_and_blob(count: int = 12, box_tokens_: int = 1) -> list[SampleMaps]:
+    """2 layers x 2 heads on a 6 x 6 grid: head 0:0 a one-token spike on the target, head 1:0 a 2 x 2 blob around
+    it (so 0:0 holds more of its map in the box and ranks first), the other two noise. The box is the spike's
+    token, or it and the token to its right."""
+    generator = torch.Generator().manual_seed(3)
+    samples = []
+    for index in range(count):
+        row, col = torch.randint(0, 4, (2,), generator=generator).tolist()
+        maps = torch.rand(2, 2, 6, 6, generator=generator) + 0.5
+        maps[0, 0] = 1e-4
+        maps[0, 0, row, col] = 1.0
+        maps[1, 0] = 1e-2
+        maps[1, 0, row : row + 2, col : col + 2] = 1.0
+        box = torch.zeros(6, 6, dtype=torch.bool)
+        box[row, col : col + box_tokens_] = True
+        samples.append(SampleMaps(f"s{index}", maps, torch.ones(2, 6, 6), box))
+    return samples
+
+
+SPIKES_DROPPED = RoiSettings(sigma=0.0, tau=0.5, min_tokens=2, grow_below=0)  # 1-token components are noise
+SPIKES_KEPT = RoiSettings(sigma=0.0, tau=0.5, min_tokens=1, grow_below=0)
+
+
+def test_stage_one_drops_one_token_spikes_and_keeps_blobs():
+    samples, labels = _spike_and_blob(), LabelSettings()
+    spike = stage_one_on_box(samples, [(0, 0)], SPIKES_DROPPED, labels)
+    assert spike.region_on_box == 0 and spike.no_region == 1 and spike.clean_on_box == 0 and spike.dropped == 0
+    blob = stage_one_on_box(samples, [(1, 0)], SPIKES_DROPPED, labels)
+    assert blob.region_on_box == 1 and blob.clean_on_box == 1 and blob.no_region == 0
+    assert stage_one_on_box(samples, [(0, 0)], SPIKES_KEPT, labels).clean_on_box == 1
+
+
+def test_a_box_token_labelled_background_is_not_clean():
+    """A spike on one of the target's two tokens leaves the other below bg: a region on the box, but not clean."""
+    samples, labels = _spike_and_blob(box_tokens_=2), LabelSettings()
+    spike = stage_one_on_box(samples, [(0, 0)], SPIKES_KEPT, labels)
+    assert spike.region_on_box == 1 and spike.clean_on_box == 0
+    assert stage_one_on_box(samples, [(1, 0)], SPIKES_KEPT, labels).clean_on_box == 1
+
+
+def test_the_pick_rejects_heads_whose_labels_stage_one_drops():
+    """The spike head ranks first either way; it is picked alone only when stage 1 keeps one-token regions, else
+    the blob head joins it and the labels survive."""
+    samples = _spike_and_blob()
+    kept = rank_heads(samples, top=4, roi=SPIKES_KEPT)
+    assert (kept.scores[0].layer, kept.scores[0].head) == (0, 0) and kept.label_heads == {0: [0]}
+    dropped = rank_heads(samples, top=4, roi=SPIKES_DROPPED)
+    assert dropped.label_heads == {0: [0], 1: [0]} and dropped.clean_on_box == 1.0
+    assert [c.clean_on_box for c in dropped.candidates][:2] == [0.0, 1.0]
+
+
+def test_rates_within_one_standard_error_of_the_best_count_as_equal():
+    """One sample in 64 does not decide: the candidate whose map peaks on the box more wins."""
+    from sdrpn.heads import Candidate, best_candidate
+
+    fewer = Candidate([(1, 2)], 59 / 64, 1.0, 0.0, 0.0, peak_on_box=0.97, box_share=0.7)
+    more = Candidate([(1, 2), (0, 3)], 60 / 64, 1.0, 0.0, 0.0, peak_on_box=0.94, box_share=0.5)
+    far = Candidate([(1, 2), (0, 3), (2, 0)], 60 / 64, 1.0, 0.0, 0.0, peak_on_box=0.94, box_share=0.5)
+    assert best_candidate([fewer, more], 64) is fewer
+    assert best_candidate([fewer, more], 6400) is more  # with many samples the gap is real
+    assert best_candidate([more, far], 64) is more  # among equals, fewer heads

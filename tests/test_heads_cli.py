@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
+
+import pytest
 
 from sdrpn.cli import main
+from sdrpn.models import load_model
 
 
 def _with_boxes(folder, box):
@@ -28,12 +32,31 @@ def test_heads_then_label_with_its_heads(model_dir, image_folder, tmp_path, caps
     top = eligible[: sum(map(len, picked.values()))]
     assert written["min_layer"] == 0
     assert sorted(top) == sorted((layer, head) for layer, heads in picked.items() for head in heads)
+    weighed = {c["heads"]: c for c in written["candidates"]}
+    assert len(weighed) == min(8, len(eligible))  # every prefix of the ranking, weighed
+    chosen = weighed[" ".join(f"{layer}:{head}" for layer, head in top)]
+    assert written["clean_on_box"] == pytest.approx(chosen["clean_on_box"], abs=1e-4)
+    own_rule = asdict(load_model(str(model_dir)).defaults().roi)
+    assert written["roi_settings"] == own_rule  # the model's own stage-1 rule (no --rpn)
 
     labels = tmp_path / "labels"
     label = ["label", "--model", str(model_dir), "--data", data, "--out", str(labels), "--label-heads", str(out)]
     assert main([*label, "--max-samples", "2", "--max-new-tokens", "3"]) == 0
     settings = json.loads((labels / "label_settings.json").read_text())["settings"]
     assert {int(layer): heads for layer, heads in settings["label_heads"].items()} == picked
+
+
+def test_heads_weighs_labels_by_an_rpns_stage_one_rule(model_dir, image_folder, tmp_path, capsys):
+    """--rpn toy: the shipped toy RPN's RoI settings (tau 0.5, 1-token regions kept), recorded in heads.json."""
+    out = tmp_path / "heads.json"
+    data = _with_boxes(image_folder, [5, 5, 60, 50])
+    args = ["heads", "--model", str(model_dir), "--data", data, "--out", str(out), "--max-new-tokens", "3"]
+    assert main([*args, "--rpn", "toy", "--samples", "4"]) == 0
+    assert "stage 1 keeps clean regions on it in" in capsys.readouterr().out
+    roi = json.loads(out.read_text())["roi_settings"]
+    assert roi["tau"] == 0.5 and roi["min_tokens"] == 1
+    assert main([*args, "--rpn", str(tmp_path / "nowhere")]) == 2
+    assert "is not an RPN checkpoint" in capsys.readouterr().err
 
 
 def test_every_sample_failing_is_one_line(model_dir, image_folder, tmp_path, capsys):
@@ -70,3 +93,5 @@ def test_toy_check_exports_boxes_and_compares_with_the_recipe_rule(tmp_path):
     two = heads_check.compare("toy", [tmp_path / "heads.json", tmp_path / "one.json"], 4, 5, prompt_row=True)
     assert two["queries"] == "prompt row" and two["peak_on_target"][str(tmp_path / "one.json")]["heads"] == "0:1"
     assert two["peak_on_target"]["recipe rule"]["labels_fine"]["dropped"] <= two["fine_scenes"]
+    stage_one = two["peak_on_target"]["recipe rule"]["stage_one"]
+    assert 0 <= stage_one["clean_on_box"] <= stage_one["region_on_box"] <= 1 - stage_one["no_region"] + 1e-9

@@ -245,6 +245,12 @@ def build_parser() -> argparse.ArgumentParser:
     heads.add_argument("--top", type=positive_int, default=8, help="most heads to pick")
     heads.add_argument("--min-layer", type=int, default=0, help="lowest layer heads are picked from")
     heads.add_argument(
+        "--rpn",
+        default=None,
+        help="RPN folder (or 'toy') whose RoI settings and label thresholds labels are weighed by (default: the "
+        "model's RoI rule, sdrpn label's thresholds)",
+    )
+    heads.add_argument(
         "--queries",
         choices=("answer", "prompt+answer"),
         default=None,
@@ -421,15 +427,37 @@ def cmd_heads(args) -> int:
         raise SdrpnError(f"every one of the {len(samples)} samples failed (first: {bad[0]})")
     if len(maps) < args.samples:
         print(f"note: ranked on {len(maps)} samples, fewer than the {args.samples} asked", file=sys.stderr)
-    ranking = rank_heads(maps, top=args.top, min_layer=args.min_layer)
+    roi, labels = _stage_one_rule(args.rpn, adapter)
+    ranking = rank_heads(maps, top=args.top, min_layer=args.min_layer, roi=roi, labels=labels)
     model = shipped_name(adapter.name_or_path) or adapter.name_or_path  # 'toy', not this machine's install path
     json_path, picture = write_ranking(ranking, args.out, model, queries, args.samples)
     print(format_table(ranking, args.show))
     label_heads = ";".join(f"{layer}:{','.join(map(str, heads))}" for layer, heads in ranking.label_heads.items())
-    peak = "" if ranking.peak_on_box is None else f"; their label map peaks on the box in {ranking.peak_on_box:.0%}"
+    peak = ""
+    if ranking.with_boxes:
+        peak = (
+            f"; their label map peaks on the box in {ranking.peak_on_box:.0%}, stage 1 keeps clean regions on it "
+            f"in {ranking.clean_on_box:.0%}"
+        )
     print(f"picked (*): {label_heads}{peak} -> {json_path} (heat map {picture})")
     print(f"use: sdrpn label --label-heads {json_path} --queries {queries} ...")
     return 0
+
+
+def _stage_one_rule(rpn: str | None, adapter):
+    """The RoI settings and label thresholds `sdrpn heads` weighs labels by: an RPN's own, else the model's."""
+    from sdrpn.labeling import LabelSettings
+    from sdrpn.roi import RoiSettings
+    from sdrpn.rpn import read_rpn_config
+    from sdrpn.shipped import resolve
+
+    if rpn is None:
+        return adapter.defaults().roi, LabelSettings()
+    config = read_rpn_config(resolve(rpn, "rpn"))
+    roi = RoiSettings(**config.roi_settings) if config.roi_settings else adapter.defaults().roi
+    recorded = config.label_settings or {}
+    thresholds = {name: recorded[name] for name in ("fg", "bg", "max_box_frac", "tau_norm") if name in recorded}
+    return roi, LabelSettings(**thresholds)
 
 
 def cmd_train(args) -> int:

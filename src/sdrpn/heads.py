@@ -14,12 +14,18 @@ over them as labels are) is kept per sample, and scored:
 - with target boxes: box mass (the share of the sink-free map inside the box) and peak on box.
 
 The score is box mass x sink-free when every sample has a box, else concentration x consistency x variety x
-sink-free. Every head is ranked; `min_layer` leaves the heads of lower layers out of the pick (how often a head's
-map peaks on the box does not tell how well an RPN distils from it, and no layer rule has yet been shown to fix
-that: docs/benchmarks.md). The heads picked: with boxes,
-the prefix of the eligible ranking (at most `top` heads) whose mean map, made as labels are made (heads averaged
-alike, sinks removed by the norms entering the first picked layer), puts its peak on the box most often (among
-equals, the one whose map holds the most inside the box); without boxes, the `top` best.
+sink-free. Every head is ranked; `min_layer` leaves the heads of lower layers out of the pick. Without boxes the
+`top` best are picked. With boxes, each prefix of the eligible ranking (at most `top` heads) is weighed by what an
+RPN that learnt its labels would give in stage 1 (`stage_one_on_box`): the labels are made as `sdrpn label` makes
+them (heads averaged alike, sinks removed by the norms entering the first picked layer, `assign_labels`), each
+label's foreground is taken as the RPN's map and goes through the model's stage-1 rule (`find_regions` with its
+RoI settings), and a sample counts as clean when regions are kept, every one lies on the box, and no token of the
+box is labelled background. The prefix with the most clean samples is picked; rates less than one standard error
+below the best count as equal, and among equals the one whose label map peaks on the box most often, then holds
+most inside it, then has fewer heads. Why: how often a head's map peaks on the box did not tell how well an RPN
+distils from it. On the toy, head 0:1 alone peaked on the target more often than the recipe's layer, yet its RPN
+kept no region on one fine question in eight while its own map peaked on the target; its one-token labels mark
+12% of the target's tokens background (three times the recipe's share), the likely cause (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -28,11 +34,12 @@ import json
 import math
 from collections.abc import Callable
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+from scipy import ndimage
 from tqdm.auto import tqdm
 
 from sdrpn.attention import QUERIES, _mean_over_steps, capture_hidden_norms, capture_rows, response_lengths
@@ -40,9 +47,10 @@ from sdrpn.data import Sample
 from sdrpn.errors import SdrpnError
 from sdrpn.files import atomic_write, atomic_write_json
 from sdrpn.images import load_image
-from sdrpn.labels import remove_sinks, sink_threshold
+from sdrpn.labeling import LabelSettings
+from sdrpn.labels import assign_labels, remove_sinks, sink_threshold
 from sdrpn.models.base import FamilyAdapter, LayerHeads
-from sdrpn.roi import Geometry
+from sdrpn.roi import Geometry, RoiSettings, find_regions, image_cells
 
 BOX_SHARE_OF_TOKEN = 0.2  # a token is on the box when the box covers this much of it ...
 BOX_SHARE_OF_BOX = 0.25  # ... or it holds this much of the box (a box smaller than a token still has one)
@@ -56,6 +64,7 @@ class SampleMaps:
     maps: torch.Tensor  # (L, H, h, w) attention of the answer-predicting positions, averaged over them
     norms: torch.Tensor  # (L, h, w) L2 norms of the visual hidden states entering each layer (prompt pass)
     box: torch.Tensor | None  # (h, w) bool: the tokens on the sample's target box
+    on_image: np.ndarray | None = None  # (h, w) bool: the cells stage 1 may put a region on (None: every cell)
 
 
 @dataclass
@@ -82,6 +91,9 @@ class HeadRanking:
     peak_on_box: float | None  # how often the picked heads' label map peaks on the box (sample with boxes)
     grid: tuple[int, int]  # (layers, heads)
     min_layer: int = 0  # the lowest layer heads were picked from
+    clean_on_box: float | None = None  # how often stage 1 on the picked heads' labels keeps clean regions on the box
+    candidates: list[Candidate] = field(default_factory=list)  # every prefix weighed (samples with boxes)
+    roi: RoiSettings = field(default_factory=RoiSettings)  # the stage-1 rule they were weighed by
 
 
 def box_tokens(box: tuple[float, float, float, float], geometry: Geometry) -> torch.Tensor:
@@ -156,7 +168,9 @@ def collect_maps(
                 except SdrpnError as error:
                     bad.append(f"{sample.sample_id}: {error}")
                     continue
-                collected.append(SampleMaps(sample.sample_id, head_maps, sample_norms[index].permute(2, 0, 1), box))
+                norms = sample_norms[index].permute(2, 0, 1)
+                on_image = image_cells(batch.geometries[index])
+                collected.append(SampleMaps(sample.sample_id, head_maps, norms, box, on_image))
         bar.update(len(samples[start : start + batch_size]))
     bar.close()
     return collected, bad
@@ -216,14 +230,76 @@ def label_map_on_box(samples: list[SampleMaps], heads: list[tuple[int, int]]) ->
     return hits / len(with_box), inside / len(with_box)
 
 
+@dataclass
+class StageOne:
+    """What stage 1 makes of label foregrounds taken as the RPN's map (see `stage_one_on_box`); shares of the
+    samples with a box."""
+
+    clean_on_box: float  # regions kept, every one on the box, and no token of the box labelled background
+    region_on_box: float  # a kept region on the box (a dropped label keeps none)
+    no_region: float  # no region kept (dropped labels included)
+    dropped: float  # the label is dropped (all ignored)
+
+
+def sample_labels(sample: SampleMaps, heads: list[tuple[int, int]], labels: LabelSettings) -> torch.Tensor:
+    """(h, w) labels in {-1, 0, 1} as `sdrpn label` would make them from these heads (maps averaged alike, sinks
+    zeroed by the norms entering the first of their layers)."""
+    averaged = torch.stack([sample.maps[layer, head] for layer, head in heads]).mean(0)
+    cleaned = remove_sinks(averaged, sample.norms[min(layer for layer, _ in heads)], labels.tau_norm)
+    return assign_labels(cleaned, labels.fg, labels.bg, labels.max_box_frac)
+
+
+def _regions_on_box(mask: np.ndarray, box: np.ndarray) -> tuple[bool, bool]:
+    """(a kept region touches the box, every kept region does); regions are the mask's 8-connected parts."""
+    parts, count = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
+    touching = np.unique(parts[box & mask]).size
+    return touching > 0, count > 0 and touching == count
+
+
+def stage_one_on_box(
+    samples: list[SampleMaps], heads: list[tuple[int, int]], roi: RoiSettings, labels: LabelSettings
+) -> StageOne:
+    """How an RPN that learnt these heads' labels would fare in stage 1: each label's foreground (1 on it, 0
+    elsewhere) goes through the model's stage-1 rule (`find_regions` with `roi`). Why: the RPN learns to
+    reproduce the foreground; a foreground the rule throws away gives no crop, one off the box a wrong crop, and
+    a box token labelled background teaches the RPN to doubt the target (an RPN distilled from such labels kept
+    no region on one fine toy question in eight while its map peaked on the target: docs/benchmarks.md).
+    Samples without a box are left out."""
+    with_box = [s for s in samples if s.box is not None]
+    if not with_box:
+        raise SdrpnError("no sample has a target box")
+    clean = on_box = none = dropped = 0
+    for sample in with_box:
+        label = sample_labels(sample, heads, labels)
+        foreground = (label == 1).numpy()
+        box = sample.box.numpy()
+        dropped += not foreground.any()
+        regions = find_regions(foreground.astype(np.float64), roi, allowed=sample.on_image)
+        touches, all_on = _regions_on_box(regions.mask, box)
+        none += regions.empty
+        on_box += touches
+        clean += all_on and not bool(((label == 0).numpy() & box).any())
+    count = len(with_box)
+    return StageOne(clean / count, on_box / count, none / count, dropped / count)
+
+
 def label_map_peaks_on_box(samples: list[SampleMaps], heads: list[tuple[int, int]]) -> float:
     """The share of samples whose label map from these heads peaks on the box (see `label_map_on_box`)."""
     return label_map_on_box(samples, heads)[0]
 
 
-def rank_heads(samples: list[SampleMaps], top: int = 8, min_layer: int = 0) -> HeadRanking:
+def rank_heads(
+    samples: list[SampleMaps],
+    top: int = 8,
+    min_layer: int = 0,
+    roi: RoiSettings | None = None,
+    labels: LabelSettings | None = None,
+) -> HeadRanking:
     """Score every head over the answered samples (see the module docstring) and pick the label heads from layer
-    `min_layer` up."""
+    `min_layer` up; `roi` is the stage-1 rule the labels' foregrounds are weighed by (default: sdrpn's), `labels`
+    the thresholds labels are made with (default: `sdrpn label`'s)."""
+    roi = roi or RoiSettings()
+    labels = labels or LabelSettings()
     if not samples:
         raise SdrpnError("no sample could be used to rank heads")
     num_layers = samples[0].maps.shape[0]
@@ -264,22 +340,69 @@ def rank_heads(samples: list[SampleMaps], top: int = 8, min_layer: int = 0) -> H
     order = sorted(range(len(scores)), key=lambda i: (-float(score.flatten()[i]), -scores[i].concentration, i))
     ranked = [scores[i] for i in order]
     eligible = [s for s in ranked if s.layer >= min_layer]
-    picked, rate = _pick(samples, eligible, top, with_boxes)
+    picked, candidates = _pick(samples, eligible, top, with_boxes, roi, labels)
+    chosen = next((c for c in candidates if c.heads == picked), None)
     label_heads: LayerHeads = {}
     for layer, head in sorted(picked):
         label_heads.setdefault(layer, []).append(head)
-    return HeadRanking(ranked, label_heads, len(samples), with_boxes, rate, (layers, heads), min_layer)
+    return HeadRanking(
+        scores=ranked,
+        label_heads=label_heads,
+        samples=len(samples),
+        with_boxes=with_boxes,
+        peak_on_box=None if chosen is None else chosen.peak_on_box,
+        grid=(layers, heads),
+        min_layer=min_layer,
+        clean_on_box=None if chosen is None else chosen.clean_on_box,
+        candidates=candidates,
+        roi=roi,
+    )
+
+
+@dataclass
+class Candidate:
+    """A prefix of the ranking the pick weighed, and the label measures it was weighed by (samples with boxes)."""
+
+    heads: list[tuple[int, int]]
+    clean_on_box: float  # stage 1 on the labels' foregrounds keeps regions, all on the box, none of it background
+    region_on_box: float  # ... keeps a region on the box (`stage_one_on_box`)
+    no_region: float
+    dropped: float
+    peak_on_box: float  # the label map peaks on the box (`label_map_on_box`)
+    box_share: float  # the label map's mean share inside the box
+
+
+def weigh_candidate(
+    samples: list[SampleMaps], heads: list[tuple[int, int]], roi: RoiSettings, labels: LabelSettings
+) -> Candidate:
+    stage_one = stage_one_on_box(samples, heads, roi, labels)
+    peak, share = label_map_on_box(samples, heads)
+    return Candidate(heads, **asdict(stage_one), peak_on_box=peak, box_share=share)
 
 
 def _pick(
-    samples: list[SampleMaps], ranked: list[HeadScore], top: int, with_boxes: bool
-) -> tuple[list[tuple[int, int]], float | None]:
-    candidates = [(s.layer, s.head) for s in ranked[:top]]
+    samples: list[SampleMaps],
+    ranked: list[HeadScore],
+    top: int,
+    with_boxes: bool,
+    roi: RoiSettings,
+    labels: LabelSettings,
+) -> tuple[list[tuple[int, int]], list[Candidate]]:
+    heads = [(s.layer, s.head) for s in ranked[:top]]
     if not with_boxes:
-        return candidates, None
-    quality = [label_map_on_box(samples, candidates[:k]) for k in range(1, len(candidates) + 1)]
-    best = max(range(len(quality)), key=quality.__getitem__)  # peak on box first, then the map's share in the box
-    return candidates[: best + 1], quality[best][0]
+        return heads, []
+    candidates = [weigh_candidate(samples, heads[:k], roi, labels) for k in range(1, len(heads) + 1)]
+    return best_candidate(candidates, sum(s.box is not None for s in samples)).heads, candidates
+
+
+def best_candidate(candidates: list[Candidate], samples: int) -> Candidate:
+    """The most clean regions on the box, where rates less than one standard error apart (sqrt(p (1 - p) / n) at
+    the best rate p) count as equal, so that one sample more or less does not decide; among equals the label map's
+    peak on the box, then its share inside it, then fewer heads."""
+    top = max(c.clean_on_box for c in candidates)
+    margin = math.sqrt(top * (1 - top) / samples)
+    equal = [c for c in candidates if c.clean_on_box >= top - margin - 1e-9]
+    return max(equal, key=lambda c: (c.peak_on_box, c.box_share))  # the first (fewest heads) among equals
 
 
 # --- files ---------------------------------------------------------------------------------------
@@ -298,6 +421,15 @@ def ranking_json(ranking: HeadRanking, model: str, queries: str, asked: int) -> 
         "layers": ranking.grid[0],
         "heads_per_layer": ranking.grid[1],
         "min_layer": ranking.min_layer,
+        "clean_on_box": ranking.clean_on_box,
+        "roi_settings": asdict(ranking.roi),
+        "candidates": [
+            {
+                "heads": " ".join(f"{layer}:{head}" for layer, head in c.heads),
+                **{k: round(v, 4) for k, v in asdict(c).items() if k != "heads"},
+            }
+            for c in ranking.candidates
+        ],
         "ranking": [asdict(score) for score in ranking.scores],
     }
 

@@ -5,33 +5,42 @@
     python -m sdrpn.toyworld.heads_check compare --model toy --heads heads.json --n 1000 --seed 5000
     python -m sdrpn.toyworld.heads_check distill --model toy --heads heads.json --out heads-rpn
     python -m sdrpn.toyworld.heads_check bench --model toy --rpn heads-rpn/rpn --n 300 --seed 7
+    python -m sdrpn.toyworld.heads_check predict --model toy --rpn heads-rpn/rpn toy --n 300 --seed 99
 
 `export` writes toy scenes as PNG files and a JSONL with each target's box, so the ranking runs through the same
 command as for any data. `compare` answers fresh scenes once and measures how often the label map (the heads' maps
 averaged alike, sinks zeroed by the paper's norm rule, as labels are made) peaks on the target, and what labels it
-gives (dropped samples, foreground tokens and their share on the target), for the recipe's label layers
+gives (dropped samples, foreground tokens and their share on the target, the share of the target's tokens
+labelled background, and how often stage 1 keeps a region on the target when the foreground is taken as the RPN's
+map: `sdrpn.heads.stage_one_on_box` with the toy's RoI settings), for the recipe's label layers
 (`label_layers_from_recipe`) and for the heads in the file. `distill` self-distils an RPN from the file's heads with
 everything else as the shipped RPN was made (`sdrpn demo --train-rpn`). `bench` runs SD-RPN (masked upscaling, the
 toy's RoI settings) with that RPN and with the shipped one on the scenes `sdrpn bench toy` uses for the same seed
-and size.
+and size. `predict` shows where RPNs look on the fine questions of those scenes, without answering.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
-
-import torch
 
 from sdrpn.data import Sample
 from sdrpn.files import atomic_write
-from sdrpn.heads import SampleMaps, collect_maps, label_map_peaks_on_box, read_head_list
-from sdrpn.labeling import LabelSettings, make_labels
+from sdrpn.heads import (
+    SampleMaps,
+    box_tokens,
+    collect_maps,
+    label_map_peaks_on_box,
+    read_head_list,
+    sample_labels,
+    stage_one_on_box,
+)
+from sdrpn.labeling import LabelSettings
 from sdrpn.models.base import LayerHeads
 from sdrpn.rpn import load_rpn
-from sdrpn.shipped import shipped_dir
+from sdrpn.shipped import resolve, shipped_dir
 from sdrpn.toyworld import pipeline, world
 
 
@@ -95,6 +104,8 @@ def compare(model: str, heads_files: list[Path], n: int, seed: int, prompt_row: 
                 "fine": round(label_map_peaks_on_box(fine, pairs), 4),
                 "labels": label_statistics(maps, pairs, settings),
                 "labels_fine": label_statistics(fine, pairs, settings),
+                "stage_one": asdict(stage_one_on_box(maps, pairs, pipeline.TOY_ROI, settings)),
+                "stage_one_fine": asdict(stage_one_on_box(fine, pairs, pipeline.TOY_ROI, settings)),
             }
             for name, pairs in chosen.items()
         },
@@ -104,34 +115,41 @@ def compare(model: str, heads_files: list[Path], n: int, seed: int, prompt_row: 
 def label_statistics(maps: list[SampleMaps], heads: list[tuple[int, int]], settings: LabelSettings) -> dict:
     """The labels these heads give: how many samples are dropped, how many foreground tokens the others have, and
     which share of those lies on the target's box."""
-    norm_layer = min(layer for layer, _ in heads)
-    foreground, on_box, dropped = [], [], 0
+    foreground, on_box, box_background, dropped = [], [], [], 0
     for sample in maps:
-        averaged = torch.stack([sample.maps[layer, head] for layer, head in heads]).mean(0)
-        labels = make_labels(averaged, sample.norms[norm_layer], None, settings)
+        labels = sample_labels(sample, heads, settings)
         if (labels == -1).all():
             dropped += 1
             continue
         is_fg = labels == 1
         foreground.append(int(is_fg.sum()))
         on_box.append(float((is_fg & sample.box).sum() / is_fg.sum()))
+        box_background.append(float(((labels == 0) & sample.box).sum() / sample.box.sum()))
     kept = max(len(foreground), 1)
     return {
         "dropped": dropped,
         "mean_foreground_tokens": round(sum(foreground) / kept, 3),
         "foreground_share_on_box": round(sum(on_box) / kept, 4),
+        "box_share_labelled_background": round(sum(box_background) / kept, 4),
     }
 
 
-def distill(model: str, heads_file: Path, out: Path, samples: int = 2000):
-    """The shipped RPN's self-distillation (`sdrpn demo --train-rpn`) with the file's label heads, heads alike."""
+def distill(
+    model: str, heads_file: Path, out: Path, samples: int = 2000, train_seed: int = 0, labels: Path | None = None
+):
+    """The shipped RPN's self-distillation (`sdrpn demo --train-rpn`) with the file's label heads, heads alike;
+    `train_seed` other than the shipped 0 measures the spread between RPNs of one pick, `labels` reuses a label
+    folder made before (the samples already labelled there are skipped)."""
     adapter = pipeline.load_toy_model(model)
     settings = replace(
         pipeline.toy_label_settings(pipeline.toy_model_dir(model)),
         label_heads=read_head_list(heads_file),
         head_weighting="head",
     )
-    return pipeline.self_distill(adapter, out, samples=samples, label_settings=settings)
+    training = replace(pipeline.TOY_TRAIN, seed=train_seed)
+    return pipeline.self_distill(
+        adapter, out, samples=samples, label_settings=settings, train_settings=training, label_dir=labels
+    )
 
 
 def bench(model: str, rpn: Path, n: int, seed: int) -> dict:
@@ -149,9 +167,34 @@ def bench(model: str, rpn: Path, n: int, seed: int) -> dict:
     return result
 
 
+def predict(model: str, rpns: list[Path], n: int, seed: int) -> dict:
+    """What each RPN predicts on the fine questions of the bench scenes (no answers generated): how often stage 1
+    (the toy's RoI settings) keeps no region or one on the target, how often the RPN's map peaks on the target,
+    and its peak probability overall and on the target."""
+    adapter = pipeline.load_toy_model(model)
+    fine = [s for s in world.make_samples(n, seed, aspects=pipeline.toy_aspects(adapter)) if s.qtype == "fine"]
+    result = {"model": model, "seed": seed, "n": n, "fine_scenes": len(fine)}
+    for folder in rpns:
+        zoom = pipeline.make_zoom(adapter, load_rpn(resolve(str(folder), "rpn"), adapter))
+        counts = {"no_region": 0, "region_on_target": 0, "peak_on_target": 0, "max_p": 0.0, "max_p_on_target": 0.0}
+        for chunk in pipeline._batched(fine, pipeline.ACCURACY_BATCH):
+            predictions = zoom.predict_roi([s.image for s in chunk], [s.question for s in chunk])
+            for sample, prediction in zip(chunk, predictions):
+                target = box_tokens(tuple(map(float, sample.target_box)), prediction.geometry).numpy()
+                probability = prediction.probability
+                counts["no_region"] += prediction.regions.empty
+                counts["region_on_target"] += bool((prediction.regions.mask & target).any())
+                counts["peak_on_target"] += bool(target.flatten()[probability.argmax()])
+                counts["max_p"] += float(probability.max())
+                counts["max_p_on_target"] += float(probability[target].max())
+        result[str(folder)] = {name: round(value / len(fine), 4) for name, value in counts.items()}
+        print(json.dumps({str(folder): result[str(folder)]}), flush=True)
+    return result
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("step", choices=("export", "compare", "distill", "bench"))
+    parser.add_argument("step", choices=("export", "compare", "distill", "bench", "predict"))
     parser.add_argument("--model", default="toy", choices=("toy", "toy-qwen"))
     parser.add_argument("--n", type=int, default=64)
     parser.add_argument("--seed", type=int, default=3000)
@@ -159,17 +202,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prompt-row", action="store_true", help="compare the maps of the question's last token")
     parser.add_argument("--out", type=Path, default=Path("toy-heads-data"))
     parser.add_argument("--label-samples", type=int, default=2000)
-    parser.add_argument("--rpn", type=Path, default=Path("heads-rpn/rpn"))
+    parser.add_argument("--train-seed", type=int, default=0, help="distill: the RPN's training seed")
+    parser.add_argument("--labels", type=Path, default=None, help="distill: a label folder to reuse")
+    parser.add_argument("--rpn", type=Path, nargs="+", default=[Path("heads-rpn/rpn")])
     args = parser.parse_args(argv)
     if args.step == "export":
         print(export(args.model, args.n, args.seed, args.out))
     elif args.step == "compare":
         print(json.dumps(compare(args.model, args.heads, args.n, args.seed, args.prompt_row), indent=2))
     elif args.step == "distill":
-        distill(args.model, args.heads[0], args.out, args.label_samples)
+        distill(args.model, args.heads[0], args.out, args.label_samples, args.train_seed, args.labels)
         print(args.out / "rpn")
+    elif args.step == "predict":
+        print(json.dumps(predict(args.model, args.rpn, args.n, args.seed), indent=2))
     else:
-        print(json.dumps(bench(args.model, args.rpn, args.n, args.seed), indent=2))
+        print(json.dumps(bench(args.model, args.rpn[0], args.n, args.seed), indent=2))
 
 
 if __name__ == "__main__":
