@@ -247,3 +247,16 @@ def test_rates_within_one_standard_error_of_the_best_count_as_equal():
     assert best_candidate([fewer, more], 64) is fewer
     assert best_candidate([fewer, more], 6400) is more  # with many samples the gap is real
     assert best_candidate([more, far], 64) is more  # among equals, fewer heads
+
+
+def test_label_statistics_split_the_targets_tokens():
+    """A spike on one of a two-token target labels that token foreground and the other background (certainty one
+    half); the blob labels both foreground (certainty one)."""
+    from sdrpn.toyworld.heads_check import label_statistics
+
+    samples, labels = _spike_and_blob(box_tokens_=2), LabelSettings()
+    spike = label_statistics(samples, [(0, 0)], labels)
+    assert spike["box_share_labelled_foreground"] == 0.5 and spike["box_share_labelled_background"] == 0.5
+    assert spike["box_share_ignored"] == 0 and spike["target_certainty"] == 0.5
+    blob = label_statistics(samples, [(1, 0)], labels)
+    assert blob["box_share_labelled_foreground"] == 1 and blob["target_certainty"] == 1

@@ -113,9 +113,13 @@ def compare(model: str, heads_files: list[Path], n: int, seed: int, prompt_row: 
 
 
 def label_statistics(maps: list[SampleMaps], heads: list[tuple[int, int]], settings: LabelSettings) -> dict:
-    """The labels these heads give: how many samples are dropped, how many foreground tokens the others have, and
-    which share of those lies on the target's box."""
-    foreground, on_box, box_background, dropped = [], [], [], 0
+    """The labels these heads give: how many samples are dropped, how many foreground tokens the others have, which
+    share of those lies on the target's box, and how the target's own tokens are labelled (foreground, ignored,
+    background; `target_certainty` is the foreground share of the target's labelled tokens over all kept samples,
+    the rate an RPN that cannot tell one target token from another is taught for them)."""
+    foreground, on_box, dropped = [], [], 0
+    box_split = {"foreground": [], "ignored": [], "background": []}
+    target_fg = target_bg = 0
     for sample in maps:
         labels = sample_labels(sample, heads, settings)
         if (labels == -1).all():
@@ -124,13 +128,19 @@ def label_statistics(maps: list[SampleMaps], heads: list[tuple[int, int]], setti
         is_fg = labels == 1
         foreground.append(int(is_fg.sum()))
         on_box.append(float((is_fg & sample.box).sum() / is_fg.sum()))
-        box_background.append(float(((labels == 0) & sample.box).sum() / sample.box.sum()))
+        for name, value in (("foreground", 1), ("ignored", -1), ("background", 0)):
+            box_split[name].append(float(((labels == value) & sample.box).sum() / sample.box.sum()))
+        target_fg += int((is_fg & sample.box).sum())
+        target_bg += int(((labels == 0) & sample.box).sum())
     kept = max(len(foreground), 1)
     return {
         "dropped": dropped,
         "mean_foreground_tokens": round(sum(foreground) / kept, 3),
         "foreground_share_on_box": round(sum(on_box) / kept, 4),
-        "box_share_labelled_background": round(sum(box_background) / kept, 4),
+        "box_share_labelled_background": round(sum(box_split["background"]) / kept, 4),
+        "box_share_labelled_foreground": round(sum(box_split["foreground"]) / kept, 4),
+        "box_share_ignored": round(sum(box_split["ignored"]) / kept, 4),
+        "target_certainty": round(target_fg / max(target_fg + target_bg, 1), 4),
     }
 
 
