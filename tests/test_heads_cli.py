@@ -84,6 +84,8 @@ def test_toy_check_exports_boxes_and_compares_with_the_recipe_rule(tmp_path):
     heads_check.export("toy", 3, 5, tmp_path / "data")
     samples = read_samples(tmp_path / "data" / "data.jsonl").samples
     assert [s.box for s in samples] == [tuple(map(float, t.target_box)) for t in world.make_samples(3, 5)]
+    heads_check.export("toy", 3, 5, tmp_path / "fine", qtype="fine")
+    assert {s.sample_id.rsplit(":", 1)[1] for s in read_samples(tmp_path / "fine" / "data.jsonl").samples} == {"fine"}
     (tmp_path / "heads.json").write_text(json.dumps({"label_heads": {"2": [0, 1, 2, 3]}}))
     result = heads_check.compare("toy", [tmp_path / "heads.json"], 4, 5)
     rule, listed = result["peak_on_target"]["recipe rule"], result["peak_on_target"]["sdrpn heads"]

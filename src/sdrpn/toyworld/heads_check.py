@@ -1,6 +1,6 @@
 """`sdrpn heads` on the toy world, against the recipe's hand rule for label layers.
 
-    python -m sdrpn.toyworld.heads_check export --model toy --n 64 --seed 3000 --out toy-heads-data
+    python -m sdrpn.toyworld.heads_check export --model toy --n 256 --seed 3000 --qtype fine --out toy-heads-data
     sdrpn heads --model toy --data toy-heads-data/data.jsonl --queries prompt+answer --max-new-tokens 4 --out heads.json
     python -m sdrpn.toyworld.heads_check compare --model toy --heads heads.json --n 1000 --seed 5000
     python -m sdrpn.toyworld.heads_check distill --model toy --heads heads.json --out heads-rpn
@@ -48,11 +48,13 @@ def toy_samples_with_boxes(samples: list[world.ToySample]) -> list[Sample]:
     return [replace(s, box=tuple(map(float, t.target_box))) for s, t in zip(pipeline.as_samples(samples), samples)]
 
 
-def export(model: str, n: int, seed: int, out: Path) -> Path:
-    """Scenes as PNGs plus data.jsonl of {id, image, question, answer, box}."""
+def export(model: str, n: int, seed: int, out: Path, qtype: str | None = None) -> Path:
+    """Scenes as PNGs plus data.jsonl of {id, image, question, answer, box}; `qtype` keeps one question type (the
+    fine questions are the ones the RPN is for)."""
     adapter = pipeline.load_toy_model(model)
     lines = []
-    for index, sample in enumerate(world.make_samples(n, seed, aspects=pipeline.toy_aspects(adapter))):
+    scenes = world.make_samples(n, seed, qtypes=qtype, aspects=pipeline.toy_aspects(adapter))
+    for index, sample in enumerate(scenes):
         name = f"scene-{index:04d}.png"
         atomic_write(out / name, lambda file, image=sample.image: image.save(file, format="PNG"))
         record = {"id": pipeline.toy_reference(sample), "image": name, "question": sample.question}
@@ -209,6 +211,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n", type=int, default=64)
     parser.add_argument("--seed", type=int, default=3000)
     parser.add_argument("--heads", type=Path, nargs="+", default=[Path("heads.json")])
+    parser.add_argument("--qtype", choices=world.QTYPES, default=None, help="export: one question type only")
     parser.add_argument("--prompt-row", action="store_true", help="compare the maps of the question's last token")
     parser.add_argument("--out", type=Path, default=Path("toy-heads-data"))
     parser.add_argument("--label-samples", type=int, default=2000)
@@ -217,7 +220,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rpn", type=Path, nargs="+", default=[Path("heads-rpn/rpn")])
     args = parser.parse_args(argv)
     if args.step == "export":
-        print(export(args.model, args.n, args.seed, args.out))
+        print(export(args.model, args.n, args.seed, args.out, args.qtype))
     elif args.step == "compare":
         print(json.dumps(compare(args.model, args.heads, args.n, args.seed, args.prompt_row), indent=2))
     elif args.step == "distill":
