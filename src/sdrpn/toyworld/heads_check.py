@@ -1,6 +1,6 @@
 """`sdrpn heads` on the toy world, against the recipe's hand rule for label layers.
 
-    python -m sdrpn.toyworld.heads_check export --model toy --n 256 --seed 3000 --qtype fine --out toy-heads-data
+    python -m sdrpn.toyworld.heads_check export --model toy --n 64 --seed 3000 --out toy-heads-data
     sdrpn heads --model toy --data toy-heads-data/data.jsonl --queries prompt+answer --max-new-tokens 4 --out heads.json
     python -m sdrpn.toyworld.heads_check compare --model toy --heads heads.json --n 1000 --seed 5000
     python -m sdrpn.toyworld.heads_check distill --model toy --heads heads.json --out heads-rpn
@@ -8,11 +8,12 @@
     python -m sdrpn.toyworld.heads_check predict --model toy --rpn heads-rpn/rpn toy --n 300 --seed 99
 
 `export` writes toy scenes as PNG files and a JSONL with each target's box, so the ranking runs through the same
-command as for any data. `compare` answers fresh scenes once and measures how often the label map (the heads' maps
-averaged alike, sinks zeroed by the paper's norm rule, as labels are made) peaks on the target, and what labels it
-gives (dropped samples, foreground tokens and their share on the target, the share of the target's tokens
-labelled background, and how often stage 1 keeps a region on the target when the foreground is taken as the RPN's
-map: `sdrpn.heads.stage_one_on_box` with the toy's RoI settings), for the recipe's label layers
+command as for any data (`--qtype fine`: fine questions only). `compare` answers fresh scenes once and measures how
+often the label map (the heads' maps averaged alike, sinks zeroed by the paper's norm rule, as labels are made)
+peaks on the target, and what labels it gives (dropped samples, foreground tokens and their share on the target, the
+shares of the target's tokens labelled foreground, ignored and background, the labels' certainty on the target, and
+how often stage 1 keeps a region on the target when the foreground is taken as the RPN's map:
+`sdrpn.heads.stage_one_on_box` with the toy's RoI settings), for the recipe's label layers
 (`label_layers_from_recipe`) and for the heads in the file. `distill` self-distils an RPN from the file's heads with
 everything else as the shipped RPN was made (`sdrpn demo --train-rpn`). `bench` runs SD-RPN (masked upscaling, the
 toy's RoI settings) with that RPN and with the shipped one on the scenes `sdrpn bench toy` uses for the same seed
