@@ -259,6 +259,16 @@ def build_parser() -> argparse.ArgumentParser:
     heads.add_argument("--batch-size", type=positive_int, default=4)
     heads.add_argument("--max-new-tokens", type=positive_int, default=32)
     heads.add_argument("--show", type=int, default=20, help="table rows printed")
+    heads.add_argument(
+        "--validate",
+        type=int,
+        default=0,
+        help="make labels and train an RPN for each of the K best candidate head sets, pick the one whose RPN puts "
+        "a stage-1 region on the box most often (0: off)",
+    )
+    heads.add_argument("--train-data", default=None, help="--validate: JSON/JSONL the labels and RPNs are made from")
+    heads.add_argument("--train-samples", type=positive_int, default=None, help="--validate: seeded subset of it")
+    heads.add_argument("--work", default="heads-work", help="--validate: labels and RPNs, one folder per candidate")
 
     commands.add_parser("selftest", help="label, train and ask end to end on a tiny offline model (~1 min)")
 
@@ -402,16 +412,19 @@ def label_heads_option(text: str):
 
 def cmd_heads(args) -> int:
     from sdrpn.data import read_samples, shuffled_subset
-    from sdrpn.heads import collect_maps, format_table, rank_heads, write_ranking
+    from sdrpn.heads import collect_maps, format_table, rank_heads, validate_candidates, write_ranking
     from sdrpn.shipped import shipped_name
 
     check_output_file(args.out, "--out")
     _check_device(args.device)
+    train_samples = _validation_samples(args)
     report = read_samples(args.data, args.image_root)
     samples = shuffled_subset(report.samples, args.samples, args.seed)
     if not samples:
         first = f" (first: {report.bad[0]})" if report.bad else ""
         raise SdrpnError(f"no usable sample in '{args.data}'{first}")
+    if args.validate and any(s.box is None for s in samples):
+        raise SdrpnError("--validate needs a target box on every sample of --data (RPNs are scored on them)")
     adapter = _load_adapter(args)
     queries = args.queries or adapter.defaults().label_queries
     maps, bad = collect_maps(
@@ -429,6 +442,23 @@ def cmd_heads(args) -> int:
         print(f"note: ranked on {len(maps)} samples, fewer than the {args.samples} asked", file=sys.stderr)
     roi, labels = _stage_one_rule(args.rpn, adapter)
     ranking = rank_heads(maps, top=args.top, min_layer=args.min_layer, roi=roi, labels=labels)
+    if args.validate:
+        template, training = _distillation_settings(args.rpn, queries, args.max_new_tokens)
+        boxed = [s for s in samples if s.sample_id in {m.sample_id for m in maps}]
+        ranking = validate_candidates(
+            adapter,
+            ranking,
+            args.validate,
+            train_samples,
+            boxed,
+            args.work,
+            template,
+            training,
+            batch_size=args.batch_size,
+        )
+        for v in ranking.validated:
+            heads = " ".join(f"{layer}:{head}" for layer, head in v.heads)
+            print(f"validated {heads}: region on box {v.region_on_box:.1%}, no region {v.no_region:.1%} ({v.rpn})")
     model = shipped_name(adapter.name_or_path) or adapter.name_or_path  # 'toy', not this machine's install path
     json_path, picture = write_ranking(ranking, args.out, model, queries, args.samples)
     print(format_table(ranking, args.show))
@@ -442,6 +472,44 @@ def cmd_heads(args) -> int:
     print(f"picked (*): {label_heads}{peak} -> {json_path} (heat map {picture})")
     print(f"use: sdrpn label --label-heads {json_path} --queries {queries} ...")
     return 0
+
+
+def _validation_samples(args) -> list:
+    """--validate's training samples (checked before the model answers anything), or [] when it is off."""
+    from sdrpn.data import read_samples, shuffled_subset
+
+    if args.validate < 0:
+        raise SdrpnError(f"--validate must be 0 (off) or a number of candidates, got {args.validate}")
+    if not args.validate:
+        if args.train_data or args.train_samples:
+            raise SdrpnError("--train-data and --train-samples are options of --validate K")
+        return []
+    if not args.train_data:
+        raise SdrpnError("--validate needs --train-data (the samples labels and RPNs are made from)")
+    check_output_folder(args.work, "--work")
+    report = read_samples(args.train_data)  # image paths relative to the training file's folder
+    samples = shuffled_subset(report.samples, args.train_samples, args.seed)
+    if not samples:
+        first = f" (first: {report.bad[0]})" if report.bad else ""
+        raise SdrpnError(f"no usable sample in --train-data '{args.train_data}'{first}")
+    return samples
+
+
+def _distillation_settings(rpn: str | None, queries: str, max_new_tokens: int):
+    """The label settings (heads aside) and training settings --validate distils with: an RPN's own, else
+    `sdrpn label`'s and `sdrpn train`'s defaults, labels on the queries and answer length heads were ranked by."""
+    from sdrpn.labeling import LabelSettings
+    from sdrpn.rpn import read_rpn_config
+    from sdrpn.shipped import resolve
+    from sdrpn.train import TrainSettings
+
+    if rpn is None:
+        return LabelSettings(queries=queries, max_new_tokens=max_new_tokens), TrainSettings()
+    config = read_rpn_config(resolve(rpn, "rpn"))
+    own = LabelSettings(queries=queries, max_new_tokens=max_new_tokens)
+    labels = LabelSettings(**config.label_settings) if config.label_settings else own
+    recorded = config.training.get("settings") or {}
+    return labels, TrainSettings(**recorded)
 
 
 def _stage_one_rule(rpn: str | None, adapter):

@@ -34,7 +34,7 @@ import json
 import math
 from collections.abc import Callable
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -94,6 +94,7 @@ class HeadRanking:
     clean_on_box: float | None = None  # how often stage 1 on the picked heads' labels keeps clean regions on the box
     candidates: list[Candidate] = field(default_factory=list)  # every prefix weighed (samples with boxes)
     roi: RoiSettings = field(default_factory=RoiSettings)  # the stage-1 rule they were weighed by
+    validated: list[Validation] = field(default_factory=list)  # candidates whose distilled RPN was tried (--validate)
 
 
 def box_tokens(box: tuple[float, float, float, float], geometry: Geometry) -> torch.Tensor:
@@ -342,12 +343,9 @@ def rank_heads(
     eligible = [s for s in ranked if s.layer >= min_layer]
     picked, candidates = _pick(samples, eligible, top, with_boxes, roi, labels)
     chosen = next((c for c in candidates if c.heads == picked), None)
-    label_heads: LayerHeads = {}
-    for layer, head in sorted(picked):
-        label_heads.setdefault(layer, []).append(head)
     return HeadRanking(
         scores=ranked,
-        label_heads=label_heads,
+        label_heads=label_heads_of(picked),
         samples=len(samples),
         with_boxes=with_boxes,
         peak_on_box=None if chosen is None else chosen.peak_on_box,
@@ -357,6 +355,14 @@ def rank_heads(
         candidates=candidates,
         roi=roi,
     )
+
+
+def label_heads_of(heads: list[tuple[int, int]]) -> LayerHeads:
+    """(layer, head) pairs as {layer: [heads]}, layers and heads in order."""
+    label_heads: LayerHeads = {}
+    for layer, head in sorted(heads):
+        label_heads.setdefault(layer, []).append(head)
+    return label_heads
 
 
 @dataclass
@@ -405,6 +411,129 @@ def best_candidate(candidates: list[Candidate], samples: int) -> Candidate:
     return max(equal, key=lambda c: (c.peak_on_box, c.box_share))  # the first (fewest heads) among equals
 
 
+# --- validation by distilled RPNs ------------------------------------------------------------------
+
+
+@dataclass
+class Validation:
+    """A candidate whose labels were made and whose RPN was trained: how its stage 1 fares on the boxed samples."""
+
+    heads: list[tuple[int, int]]
+    region_on_box: float  # a kept region lies on the box
+    no_region: float  # stage 1 keeps no region
+    samples: int
+    rpn: str  # the folder the RPN is saved in
+
+
+def weighed_order(candidates: list[Candidate], samples: int) -> list[Candidate]:
+    """The candidates best first by the pick's own criterion (`best_candidate` on those left), distinct head sets."""
+    left = list({frozenset(c.heads): c for c in reversed(candidates)}.values())[::-1]
+    ordered = []
+    while left:
+        best = best_candidate(left, samples)
+        ordered.append(best)
+        left.remove(best)
+    return ordered
+
+
+def best_validated(validated: list[Validation]) -> Validation:
+    """The most kept regions on the box; ties: fewer samples without a region, then the earlier (weighed) one."""
+    return max(reversed(validated), key=lambda v: (v.region_on_box, -v.no_region))
+
+
+def heads_slug(heads: list[tuple[int, int]]) -> str:
+    return "-".join(f"{layer}_{head}" for layer, head in heads)
+
+
+def rpn_on_box(
+    zoom, samples: list[Sample], open_image: Callable = load_image, batch_size: int = 4
+) -> tuple[int, int, int]:
+    """(kept regions on the box, no region kept, samples) for the RPN's stage 1 (`Zoom.predict_roi`, its RoI
+    settings) on the samples with a box; unreadable images are left out."""
+    on_box = none = count = 0
+    with_box = [s for s in samples if s.box is not None]
+    for start in range(0, len(with_box), batch_size):
+        chunk, images = [], []
+        for sample in with_box[start : start + batch_size]:
+            try:
+                images.append(open_image(sample.image_path))
+                chunk.append(sample)
+            except SdrpnError:
+                continue
+        if not chunk:
+            continue
+        for sample, prediction in zip(chunk, zoom.predict_roi(images, [s.question for s in chunk])):
+            target = box_tokens(sample.box, prediction.geometry).numpy()
+            none += prediction.regions.empty
+            on_box += bool((prediction.regions.mask & target).any())
+            count += 1
+    return on_box, none, count
+
+
+def validate_candidates(
+    adapter: FamilyAdapter,
+    ranking: HeadRanking,
+    count: int,
+    train_samples: list[Sample],
+    boxed_samples: list[Sample],
+    work: str | Path,
+    labels: LabelSettings,
+    training,
+    *,
+    batch_size: int = 4,
+    open_image: Callable = load_image,
+    progress: bool = True,
+) -> HeadRanking:
+    """Labels from each of the `count` best candidates on `train_samples` (`generate_labels`, as `sdrpn label`),
+    an RPN trained on them (`train_rpn`, as `sdrpn train`), and its stage 1 scored on `boxed_samples`; the
+    ranking comes back with the best of them picked. Why: on the toy, how the labels' own foreground fares in
+    stage 1 did not tell which heads give the RPN that finds the target (docs/benchmarks.md). The work folder
+    keeps one folder per candidate; labelling resumes and a saved RPN is reused, so a run resumes per candidate."""
+    from sdrpn.infer import InferSettings, Zoom
+    from sdrpn.labeling import generate_labels
+    from sdrpn.rpn import CONFIG_NAME, WEIGHTS_NAME, load_rpn
+    from sdrpn.train import train_rpn
+
+    if not ranking.candidates:
+        raise SdrpnError("--validate needs a target box on every sample of --data")
+    ordered = weighed_order(ranking.candidates, ranking.samples)[:count]
+    work = Path(work)
+    validated = []
+    for candidate in tqdm(ordered, desc="validate", unit="candidate", disable=not progress):
+        folder = work / heads_slug(candidate.heads)
+        settings = replace(labels, label_heads=label_heads_of(candidate.heads), norm_layer=None, head_weighting="head")
+        generate_labels(
+            adapter,
+            train_samples,
+            folder / "labels",
+            settings,
+            batch_size=batch_size,
+            progress=progress,
+            open_image=open_image,
+        )
+        rpn_dir = folder / "rpn"
+        if (rpn_dir / CONFIG_NAME).is_file() and (rpn_dir / WEIGHTS_NAME).is_file():
+            rpn = load_rpn(rpn_dir, adapter)
+        else:
+            rpn = train_rpn(adapter, folder / "labels", rpn_dir, training, progress=progress, open_image=open_image)
+            rpn.config.roi_settings = asdict(ranking.roi)
+            rpn.save(rpn_dir)
+        zoom = Zoom(adapter, rpn, InferSettings(method="sdrpn", roi=ranking.roi))
+        on_box, none, scored = rpn_on_box(zoom, boxed_samples, open_image, batch_size)
+        if not scored:
+            raise SdrpnError("no boxed sample could be scored by the candidates' RPNs")
+        validated.append(Validation(candidate.heads, on_box / scored, none / scored, scored, str(rpn_dir)))
+    best = best_validated(validated)
+    chosen = next(c for c in ranking.candidates if c.heads == best.heads)
+    return replace(
+        ranking,
+        label_heads=label_heads_of(best.heads),
+        peak_on_box=chosen.peak_on_box,
+        clean_on_box=chosen.clean_on_box,
+        validated=validated,
+    )
+
+
 # --- files ---------------------------------------------------------------------------------------
 
 
@@ -429,6 +558,16 @@ def ranking_json(ranking: HeadRanking, model: str, queries: str, asked: int) -> 
                 **{k: round(v, 4) for k, v in asdict(c).items() if k != "heads"},
             }
             for c in ranking.candidates
+        ],
+        "validated": [
+            {
+                "heads": " ".join(f"{layer}:{head}" for layer, head in v.heads),
+                "region_on_box": round(v.region_on_box, 4),
+                "no_region": round(v.no_region, 4),
+                "samples": v.samples,
+                "rpn": v.rpn,
+            }
+            for v in ranking.validated
         ],
         "ranking": [asdict(score) for score in ranking.scores],
     }
