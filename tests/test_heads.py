@@ -260,3 +260,23 @@ def test_label_statistics_split_the_targets_tokens():
     assert spike["box_share_ignored"] == 0 and spike["target_certainty"] == 0.5
     blob = label_statistics(samples, [(1, 0)], labels)
     assert blob["box_share_labelled_foreground"] == 1 and blob["target_certainty"] == 1
+
+
+def test_validated_pick_and_weighed_order():
+    from sdrpn.heads import Candidate, Validation, best_candidate, best_validated, weighed_order
+
+    def candidate(heads, clean, peak):
+        return Candidate(heads, clean, clean, 0.0, 0.0, peak, 0.5)
+
+    a, b, c = candidate([(0, 1)], 0.5, 0.9), candidate([(0, 1), (2, 3)], 0.9, 0.1), candidate([(2, 1)], 0.1, 1.0)
+    ordered = weighed_order([a, b, c, candidate([(2, 3), (0, 1)], 0.0, 0.0)], samples=64)
+    assert ordered[0] is best_candidate([a, b, c], 64) is b and [x.heads for x in ordered[1:3]] == [a.heads, c.heads]
+    assert len(ordered) == 3  # the same head set in another order is one candidate
+
+    def validation(heads, on_box, none):
+        return Validation(heads, on_box, none, 64, "rpn")
+
+    first, fewer_empty, worse = validation([(0, 1)], 0.9, 0.1), validation([(2, 1)], 0.9, 0.05), validation([], 0.8, 0)
+    assert best_validated([first, fewer_empty, worse]) is fewer_empty
+    same = validation([(2, 2)], 0.9, 0.1)
+    assert best_validated([first, same, worse]) is first  # a full tie keeps the weighed order

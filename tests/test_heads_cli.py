@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict
+from pathlib import Path
 
 import pytest
 
@@ -97,3 +98,78 @@ def test_toy_check_exports_boxes_and_compares_with_the_recipe_rule(tmp_path):
     assert two["peak_on_target"]["recipe rule"]["labels_fine"]["dropped"] <= two["fine_scenes"]
     stage_one = two["peak_on_target"]["recipe rule"]["stage_one"]
     assert 0 <= stage_one["clean_on_box"] <= stage_one["region_on_box"] <= 1 - stage_one["no_region"] + 1e-9
+
+
+def _validate_args(model_dir, image_folder, tmp_path, *extra):
+    data = _with_boxes(image_folder, [5, 5, 60, 50])
+    return [
+        "heads",
+        "--model",
+        str(model_dir),
+        "--data",
+        data,
+        "--out",
+        str(tmp_path / "heads.json"),
+        "--max-new-tokens",
+        "3",
+        "--samples",
+        "4",
+        "--top",
+        "3",
+        *extra,
+    ]
+
+
+def test_validate_picks_the_candidate_whose_rpn_finds_the_box(model_dir, image_folder, tmp_path, capsys, monkeypatch):
+    """K=2: both candidates are labelled and distilled; the first in the weighed order is made to keep no region
+    on any sample, so the second must be picked and recorded as such."""
+    from sdrpn import heads
+
+    real = heads.rpn_on_box
+    scored = []
+
+    def first_never_on_box(zoom, samples, *args, **kwargs):
+        on_box, none, count = real(zoom, samples, *args, **kwargs)
+        scored.append((on_box, none, count))
+        return (0, count, count) if len(scored) == 1 else (count, 0, count)
+
+    monkeypatch.setattr(heads, "rpn_on_box", first_never_on_box)
+    work = tmp_path / "work"
+    train = ["--validate", "2", "--train-data", str(image_folder / "data.jsonl"), "--train-samples", "3"]
+    code = main(_validate_args(model_dir, image_folder, tmp_path, *train, "--work", str(work)))
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    written = json.loads((tmp_path / "heads.json").read_text())
+    validated = written["validated"]
+    assert len(validated) == 2 and len({v["heads"] for v in validated}) == 2
+    assert all(0 <= on_box <= count and 0 <= none <= count and count == 4 for on_box, none, count in scored)
+    assert (validated[0]["region_on_box"], validated[0]["no_region"]) == (0.0, 1.0)
+    assert (validated[1]["region_on_box"], validated[1]["no_region"]) == (1.0, 0.0)
+    picked = " ".join(f"{layer}:{head}" for layer, heads_ in written["label_heads"].items() for head in heads_)
+    assert sorted(picked.split()) == sorted(validated[1]["heads"].split())
+    for v in validated:
+        assert (Path(v["rpn"]) / "rpn_config.json").is_file() and Path(v["rpn"]).parent.parent == work
+        config = json.loads((Path(v["rpn"]) / "rpn_config.json").read_text())
+        listed = sorted(
+            f"{layer}:{head}" for layer, hs in config["label_settings"]["label_heads"].items() for head in hs
+        )
+        assert listed == sorted(v["heads"].split())  # the RPN was distilled from the candidate's own heads
+    assert "validated " in captured.out
+
+
+def test_validate_bad_input_is_one_line(model_dir, image_folder, tmp_path, capsys):
+    train = str(image_folder / "data.jsonl")
+    cases = [
+        (["--validate", "2"], "--validate needs --train-data"),
+        (["--train-data", train], "--train-data and --train-samples are options of --validate K"),
+        (["--validate", "-1", "--train-data", train], "--validate must be 0 (off) or a number of candidates"),
+        (["--validate", "2", "--train-data", str(tmp_path / "none.jsonl")], "not found"),
+    ]
+    for extra, message in cases:
+        assert main(_validate_args(model_dir, image_folder, tmp_path, *extra)) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith("sdrpn heads: error:") and message in err[-1], err
+    unboxed = ["heads", "--model", str(model_dir), "--data", train, "--out", str(tmp_path / "h.json")]
+    assert main([*unboxed, "--validate", "2", "--train-data", train]) == 2
+    assert "--validate needs a target box on every sample" in capsys.readouterr().err
+    assert not (tmp_path / "heads.json").exists() and not (tmp_path / "h.json").exists()

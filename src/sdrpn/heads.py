@@ -438,7 +438,7 @@ def weighed_order(candidates: list[Candidate], samples: int) -> list[Candidate]:
 
 def best_validated(validated: list[Validation]) -> Validation:
     """The most kept regions on the box; ties: fewer samples without a region, then the earlier (weighed) one."""
-    return max(reversed(validated), key=lambda v: (v.region_on_box, -v.no_region))
+    return max(validated, key=lambda v: (v.region_on_box, -v.no_region))  # the first among equals
 
 
 def heads_slug(heads: list[tuple[int, int]]) -> str:
