@@ -26,6 +26,11 @@ most inside it, then has fewer heads. Why: how often a head's map peaks on the b
 distils from it. On the toy, head 0:1 alone peaked on the target more often than the recipe's layer, yet its RPN
 kept no region on one fine question in eight while its own map peaked on the target; its one-token labels mark
 12% of the target's tokens background (three times the recipe's share), the likely cause (docs/benchmarks.md).
+
+Label measures did not tell the toy's candidates apart reliably either, so `validate_candidates` (`--validate K`)
+settles it by distillation: the K best candidates in the pick's own order each get labels on training data
+(`generate_labels`, as `sdrpn label`) and an RPN (`train_rpn`, as `sdrpn train`), and the one whose RPN's stage 1
+keeps a region on the box most often is picked. It costs K label and training runs.
 """
 
 from __future__ import annotations
