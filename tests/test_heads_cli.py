@@ -156,6 +156,13 @@ def test_validate_picks_the_candidate_whose_rpn_finds_the_box(model_dir, image_f
         assert listed == sorted(v["heads"].split())  # the RPN was distilled from the candidate's own heads
     assert "validated " in captured.out
 
+    weights = [Path(v["rpn"]) / "rpn_model.safetensors" for v in validated]
+    saved = [path.stat().st_mtime_ns for path in weights]
+    scored.clear()
+    assert main(_validate_args(model_dir, image_folder, tmp_path, *train, "--work", str(work))) == 0
+    assert [path.stat().st_mtime_ns for path in weights] == saved  # a rerun reuses the saved RPNs
+    assert json.loads((tmp_path / "heads.json").read_text())["validated"] == validated
+
 
 def test_validate_bad_input_is_one_line(model_dir, image_folder, tmp_path, capsys):
     train = str(image_folder / "data.jsonl")
