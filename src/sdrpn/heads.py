@@ -41,6 +41,7 @@ from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -56,6 +57,10 @@ from sdrpn.labeling import LabelSettings
 from sdrpn.labels import assign_labels, remove_sinks, sink_threshold
 from sdrpn.models.base import FamilyAdapter, LayerHeads
 from sdrpn.roi import Geometry, RoiSettings, find_regions, image_cells
+
+if TYPE_CHECKING:
+    from sdrpn.infer import Zoom
+    from sdrpn.train import TrainSettings
 
 BOX_SHARE_OF_TOKEN = 0.2  # a token is on the box when the box covers this much of it ...
 BOX_SHARE_OF_BOX = 0.25  # ... or it holds this much of the box (a box smaller than a token still has one)
@@ -451,7 +456,7 @@ def heads_slug(heads: list[tuple[int, int]]) -> str:
 
 
 def rpn_on_box(
-    zoom, samples: list[Sample], open_image: Callable = load_image, batch_size: int = 4
+    zoom: Zoom, samples: list[Sample], open_image: Callable = load_image, batch_size: int = 4
 ) -> tuple[int, int, int]:
     """(kept regions on the box, no region kept, samples) for the RPN's stage 1 (`Zoom.predict_roi`, its RoI
     settings) on the samples with a box; unreadable images are left out."""
@@ -483,7 +488,7 @@ def validate_candidates(
     boxed_samples: list[Sample],
     work: str | Path,
     labels: LabelSettings,
-    training,
+    training: TrainSettings,
     *,
     batch_size: int = 4,
     open_image: Callable = load_image,
