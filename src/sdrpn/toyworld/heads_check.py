@@ -6,6 +6,8 @@
     python -m sdrpn.toyworld.heads_check distill --model toy --heads heads.json --out heads-rpn
     python -m sdrpn.toyworld.heads_check bench --model toy --rpn heads-rpn/rpn --n 300 --seed 7
     python -m sdrpn.toyworld.heads_check predict --model toy --rpn heads-rpn/rpn toy --n 300 --seed 99
+    python -m sdrpn.toyworld.heads_check export --model toy --n 2000 --seed 1000 --out toy-train   # distill's scenes
+    sdrpn heads ... --rpn toy --validate 4 --train-data toy-train/data.jsonl --work heads-work   # RPNs decide
 
 `export` writes toy scenes as PNG files and a JSONL with each target's box, so the ranking runs through the same
 command as for any data (`--qtype fine`: fine questions only). `compare` answers fresh scenes once and measures how
