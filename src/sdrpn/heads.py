@@ -124,6 +124,18 @@ def box_tokens(box: tuple[float, float, float, float], geometry: Geometry) -> to
     return torch.from_numpy(on & (overlap > 0))
 
 
+def _open_images(samples: list[Sample], open_image: Callable) -> tuple[list[Sample], list, list[str]]:
+    """The samples whose image opens, their images, and one line per sample whose image does not."""
+    chunk, images, bad = [], [], []
+    for sample in samples:
+        try:
+            images.append(open_image(sample.image_path))
+            chunk.append(sample)
+        except SdrpnError as error:
+            bad.append(f"{sample.sample_id}: {error}")
+    return chunk, images, bad
+
+
 @torch.no_grad()
 def collect_maps(
     adapter: FamilyAdapter,
@@ -145,13 +157,8 @@ def collect_maps(
     bad: list[str] = []
     bar = tqdm(total=len(samples), desc="heads", unit="sample", disable=not progress)
     for start in range(0, len(samples), batch_size):
-        chunk, images = [], []
-        for sample in samples[start : start + batch_size]:
-            try:
-                images.append(open_image(sample.image_path))
-                chunk.append(sample)
-            except SdrpnError as error:
-                bad.append(f"{sample.sample_id}: {error}")
+        chunk, images, unreadable = _open_images(samples[start : start + batch_size], open_image)
+        bad += unreadable
         if chunk:
             batch = adapter.prepare(images, [[s.question] for s in chunk], training=True)
             with ExitStack() as stack:
@@ -463,13 +470,7 @@ def rpn_on_box(
     on_box = none = count = 0
     with_box = [s for s in samples if s.box is not None]
     for start in range(0, len(with_box), batch_size):
-        chunk, images = [], []
-        for sample in with_box[start : start + batch_size]:
-            try:
-                images.append(open_image(sample.image_path))
-                chunk.append(sample)
-            except SdrpnError:
-                continue
+        chunk, images, _ = _open_images(with_box[start : start + batch_size], open_image)
         if not chunk:
             continue
         for sample, prediction in zip(chunk, zoom.predict_roi(images, [s.question for s in chunk])):
