@@ -412,7 +412,14 @@ def label_heads_option(text: str):
 
 def cmd_heads(args) -> int:
     from sdrpn.data import read_samples, shuffled_subset
-    from sdrpn.heads import collect_maps, format_table, rank_heads, validate_candidates, write_ranking
+    from sdrpn.heads import (
+        collect_maps,
+        distillation_rule,
+        format_table,
+        rank_heads,
+        validate_candidates,
+        write_ranking,
+    )
     from sdrpn.shipped import shipped_name
 
     check_output_file(args.out, "--out")
@@ -440,10 +447,9 @@ def cmd_heads(args) -> int:
         raise SdrpnError(f"every one of the {len(samples)} samples failed (first: {bad[0]})")
     if len(maps) < args.samples:
         print(f"note: ranked on {len(maps)} samples, fewer than the {args.samples} asked", file=sys.stderr)
-    roi, labels = _stage_one_rule(args.rpn, adapter)
-    ranking = rank_heads(maps, top=args.top, min_layer=args.min_layer, roi=roi, labels=labels)
+    rule = distillation_rule(adapter, args.rpn, queries, args.max_new_tokens)
+    ranking = rank_heads(maps, top=args.top, min_layer=args.min_layer, roi=rule.roi, labels=rule.thresholds)
     if args.validate:
-        template, training = _distillation_settings(args.rpn, queries, args.max_new_tokens)
         boxed = [s for s in samples if s.sample_id in {m.sample_id for m in maps}]
         ranking = validate_candidates(
             adapter,
@@ -452,8 +458,8 @@ def cmd_heads(args) -> int:
             train_samples,
             boxed,
             args.work,
-            template,
-            training,
+            rule.labels,
+            rule.training,
             batch_size=args.batch_size,
         )
         for v in ranking.validated:
@@ -493,39 +499,6 @@ def _validation_samples(args) -> list:
         first = f" (first: {report.bad[0]})" if report.bad else ""
         raise SdrpnError(f"no usable sample in --train-data '{args.train_data}'{first}")
     return samples
-
-
-def _distillation_settings(rpn: str | None, queries: str, max_new_tokens: int):
-    """The label settings (heads aside) and training settings --validate distils with: an RPN's own, else
-    `sdrpn label`'s and `sdrpn train`'s defaults, labels on the queries and answer length heads were ranked by."""
-    from sdrpn.labeling import LabelSettings
-    from sdrpn.rpn import read_rpn_config
-    from sdrpn.shipped import resolve
-    from sdrpn.train import TrainSettings
-
-    if rpn is None:
-        return LabelSettings(queries=queries, max_new_tokens=max_new_tokens), TrainSettings()
-    config = read_rpn_config(resolve(rpn, "rpn"))
-    own = LabelSettings(queries=queries, max_new_tokens=max_new_tokens)
-    labels = LabelSettings(**config.label_settings) if config.label_settings else own
-    recorded = config.training.get("settings") or {}
-    return labels, TrainSettings(**recorded)
-
-
-def _stage_one_rule(rpn: str | None, adapter):
-    """The RoI settings and label thresholds `sdrpn heads` weighs labels by: an RPN's own, else the model's."""
-    from sdrpn.labeling import LabelSettings
-    from sdrpn.roi import RoiSettings
-    from sdrpn.rpn import read_rpn_config
-    from sdrpn.shipped import resolve
-
-    if rpn is None:
-        return adapter.defaults().roi, LabelSettings()
-    config = read_rpn_config(resolve(rpn, "rpn"))
-    roi = RoiSettings(**config.roi_settings) if config.roi_settings else adapter.defaults().roi
-    recorded = config.label_settings or {}
-    thresholds = {name: recorded[name] for name in ("fg", "bg", "max_box_frac", "tau_norm") if name in recorded}
-    return roi, LabelSettings(**thresholds)
 
 
 def cmd_train(args) -> int:

@@ -481,6 +481,38 @@ def rpn_on_box(
     return on_box, none, count
 
 
+@dataclass(frozen=True)
+class DistillationRule:
+    """What labels and RPNs are judged and made by: the stage-1 RoI rule, the label thresholds the pick weighs
+    labels with, and the label (heads aside) and training settings `validate_candidates` distils with."""
+
+    roi: RoiSettings
+    thresholds: LabelSettings
+    labels: LabelSettings
+    training: TrainSettings
+
+
+def distillation_rule(
+    adapter: FamilyAdapter, rpn: str | Path | None, queries: str, max_new_tokens: int
+) -> DistillationRule:
+    """An RPN's own settings (a folder, or a shipped name), read once; else the model's RoI rule and `sdrpn label`'s
+    and `sdrpn train`'s defaults, labels on the queries and answer length heads were ranked by."""
+    from sdrpn.rpn import read_rpn_config
+    from sdrpn.shipped import resolve
+    from sdrpn.train import TrainSettings
+
+    own = LabelSettings(queries=queries, max_new_tokens=max_new_tokens)
+    if rpn is None:
+        return DistillationRule(adapter.defaults().roi, LabelSettings(), own, TrainSettings())
+    config = read_rpn_config(resolve(str(rpn), "rpn"))
+    roi = RoiSettings(**config.roi_settings) if config.roi_settings else adapter.defaults().roi
+    recorded = config.label_settings or {}
+    thresholds = {name: recorded[name] for name in ("fg", "bg", "max_box_frac", "tau_norm") if name in recorded}
+    labels = LabelSettings(**recorded) if recorded else own
+    training = TrainSettings(**(config.training.get("settings") or {}))
+    return DistillationRule(roi, LabelSettings(**thresholds), labels, training)
+
+
 def validate_candidates(
     adapter: FamilyAdapter,
     ranking: HeadRanking,
